@@ -1,0 +1,77 @@
+"""Checkpoint dirs: model.safetensors, config.json, tokenizer.json and trainer.pt, written atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from .config import Config, load_json, save_json
+from .errors import LadderError
+from .model import LadderLM
+from .tokenizer import Tokenizer, load_tokenizer
+
+CKPT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def resolve(path: str | Path) -> Path:
+    """Accept a run dir (holding ckpt/) or a checkpoint dir itself."""
+    path = Path(path)
+    if (path / "ckpt").is_dir():
+        path = path / "ckpt"
+    if not path.is_dir():
+        raise LadderError(f"checkpoint dir {path} does not exist")
+    missing = [f for f in CKPT_FILES if not (path / f).is_file()]
+    if missing:
+        raise LadderError(f"{path} is not a checkpoint dir: it lacks {', '.join(missing)}")
+    return path
+
+
+def save(path: Path, model: LadderLM, cfg: Config, tokenizer: Tokenizer, trainer_state: dict[str, Any]) -> None:
+    """Write to a sibling temp dir, fsync, then swap it in: a crash never leaves a half checkpoint."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    save_json(cfg, tmp / "config.json")
+    tokenizer.save(tmp / "tokenizer.json")
+    torch.save(trainer_state, tmp / "trainer.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[LadderLM, Config, Tokenizer]:
+    path = resolve(path)
+    cfg = load_json(path / "config.json")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise LadderError(f"{path}: tokenizer has {tokenizer.vocab_size} symbols but the model {cfg.model.vocab_size}")
+    model = LadderLM(cfg.model)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LadderError(f"{path / 'model.safetensors'} is corrupt or does not match config.json: {e}") from None
+    if missing or unexpected:
+        raise LadderError(
+            f"{path / 'model.safetensors'} does not match config.json "
+            f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
+        )
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types on a damaged file
+        raise LadderError(f"{path / 'trainer.pt'} is missing or corrupt: {e}") from None

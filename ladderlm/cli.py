@@ -1,0 +1,225 @@
+"""The `ladderlm` command: prepare, train, sample, eval, bench, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LadderError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise LadderError(f"{self.prog}: {message}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    meta = prepare(args.source, args.tokenizer, Path(args.out), args.vocab_size)
+    print(f"prepared {args.out}: {meta['train_tokens']} train / {meta['val_tokens']} val tokens, vocab {meta['vocab_size']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from . import checkpoint
+    from .config import apply_overrides, load_config, validate
+    from .train import Run, train
+
+    if args.resume:
+        if args.preset or args.config:
+            raise LadderError("--resume continues the run's own config; use --set to change keys")
+        ckpt = Run(Path(args.out)).ckpt
+        if not ckpt.is_dir():
+            raise LadderError(f"nothing to resume: {ckpt} does not exist")
+        _, cfg, _ = checkpoint.load(ckpt)
+        cfg = validate(apply_overrides(cfg, args.set))
+    else:
+        cfg = load_config(args.preset, args.config, args.set)
+    losses = train(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    print(
+        f"done: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f} "
+        "(estimates; `ladderlm eval` scores the whole split)"
+    )
+
+
+def _device(name: str):
+    from .train import resolve_device
+
+    return resolve_device(name)
+
+
+def _prompt_text(prompt: str) -> str:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LadderError("the prompt is not valid UTF-8") from None
+    return prompt
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import checkpoint
+    from .sampling import generate
+
+    prompt = _prompt_text(args.prompt)
+    for name, ok in (
+        ("--max-new-tokens", args.max_new_tokens >= 0),
+        ("--num-samples", args.num_samples >= 1),
+        ("--temperature", args.temperature >= 0),
+        ("--top-k", args.top_k is None or args.top_k >= 1),
+        ("--top-p", args.top_p is None or 0 < args.top_p <= 1),
+    ):
+        if not ok:
+            raise LadderError(f"{name} is out of range")
+    if args.stream and args.num_samples != 1:
+        raise LadderError("--stream prints one sample; use --num-samples 1")
+    model, _, tokenizer = checkpoint.load(args.ckpt, _device(args.device))
+    prompt_ids = tokenizer.encode(prompt)
+    on_token = None
+    if args.stream:
+        emitted: list[int] = []
+        shown = [0]
+        sys.stdout.write(prompt)
+
+        def on_token(token: torch.Tensor) -> None:
+            emitted.append(int(token[0]))
+            text = tokenizer.decode(emitted)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[shown[0] :])
+                sys.stdout.flush()
+                shown[0] = len(text)
+
+    out = generate(
+        model,
+        prompt_ids,
+        tokenizer.eot_id,
+        args.max_new_tokens,
+        args.num_samples,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        on_token,
+    )
+    if args.stream:
+        print()
+        return
+    for i, row in enumerate(out.tolist()):
+        if i:
+            print("\n---")
+        print(prompt + tokenizer.decode(row))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from . import checkpoint
+    from .data import TokenData
+    from .evaluate import evaluate
+
+    model, cfg, tokenizer = checkpoint.load(args.ckpt, _device(args.device))
+    data = TokenData.open(args.data)
+    ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
+    if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
+        raise LadderError(f"{args.ckpt} was trained with another tokenizer than the one in {args.data}")
+    result = evaluate(model, data, args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    result = run_bench(args.preset, args.set, args.repeats)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plot import plot_losses
+
+    plot_losses([Path(r) for r in args.runs], Path(args.out))
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> ArgumentParser:
+    from .config import preset_names
+
+    parser = ArgumentParser(prog="ladderlm", description="Pipelined latent-diffusion ('ladder') language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
+    p.add_argument("--source", default="stdlib", help="stdlib (embedded default), shakespeare (download), or a file/dir PATH")
+    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char")
+    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model (or --resume one)")
+    p.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
+    p.add_argument("--config", help="a TOML config file")
+    p.add_argument("--data", required=True, help="a dir written by `ladderlm prepare`")
+    p.add_argument("--out", required=True, help="run dir: config, metrics, TensorBoard events, ckpt/")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_iters=100"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="a run dir or its ckpt/ dir")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score the whole validation split")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="speed: matmul peak, training tokens/s, cached vs recomputed decoding")
+    p.add_argument("--preset", default="shakespeare-char-cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plot", help="plot loss curves of runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except LadderError as e:
+        print(f"ladderlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ladderlm: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"ladderlm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Configs as data: two dataclasses, TOML presets, and `--set section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import LadderError
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # set from the prepared data, never by hand
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64  # tokens in the context window, start-of-text token included
+    dropout: float = 0.0
+    bias: bool = False
+    backbone: str = "attention"
+    n_step: int = 1  # ladder rungs S; 1 is the GPT
+    tie_head: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 2000
+    batch_size: int = 12  # per process
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: decay until max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    seed: int = 1337
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+DERIVED_KEYS = {"model.vocab_size"}
+CHOICES = {"model.backbone": ("attention",), "train.device": ("auto", "cpu", "cuda", "mps")}
+
+
+def settable_keys() -> list[str]:
+    keys = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    return [k for k in keys if k not in DERIVED_KEYS]
+
+
+def _field_type(section: str, key: str) -> type:
+    types = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
+    return {"int": int, "float": float, "bool": bool, "str": str}[types[key]]
+
+
+def _check_value(dotted: str, value: Any) -> Any:
+    section, key = dotted.split(".", 1)
+    want = _field_type(section, key)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not want:
+        raise LadderError(f"{dotted} must be {want.__name__}, got {value!r}")
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise LadderError(f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+    return value
+
+
+def _unknown_key(dotted: str) -> LadderError:
+    return LadderError(f"unknown config key {dotted!r}; valid keys: {', '.join(settable_keys())}")
+
+
+def from_dict(data: dict[str, Any], allow_derived: bool = False) -> Config:
+    """Build a Config from nested dicts, refusing unknown sections, keys and ill-typed values."""
+    cfg = Config()
+    for section, values in data.items():
+        if section == "version":
+            if values != CONFIG_VERSION:
+                raise LadderError(f"config version {values!r} is not supported (this ladderlm reads {CONFIG_VERSION})")
+            continue
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise _unknown_key(section)
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if dotted not in settable_keys() and not (allow_derived and dotted in DERIVED_KEYS):
+                raise _unknown_key(dotted)
+            setattr(getattr(cfg, section), key, _check_value(dotted, value))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `section.key=value` into the key and a value of the field's type."""
+    dotted, sep, raw = text.partition("=")
+    dotted = dotted.strip()
+    if not sep:
+        raise LadderError(f"--set expects key=value, got {text!r}")
+    if dotted not in settable_keys():
+        raise _unknown_key(dotted)
+    want = _field_type(*dotted.split(".", 1))
+    raw = raw.strip()
+    try:
+        if want is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value: Any = raw.lower() in ("true", "1")
+        else:
+            value = want(raw)
+    except ValueError:
+        raise LadderError(f"{dotted} must be {want.__name__}, got {raw!r}") from None
+    return dotted, _check_value(dotted, value)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for text in overrides:
+        dotted, value = parse_override(text)
+        section, key = dotted.split(".", 1)
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("ladderlm.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml(text: str, where: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise LadderError(f"{where}: invalid TOML: {e}") from None
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A preset or a TOML file (or the defaults), then the overrides, then validation."""
+    if preset is not None and path is not None:
+        raise LadderError("give either --preset or --config, not both")
+    if preset is not None:
+        if preset not in preset_names():
+            raise LadderError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+        cfg = from_dict(_read_toml(resources.files("ladderlm.presets").joinpath(f"{preset}.toml").read_text(), preset))
+    elif path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LadderError(f"config file {path} does not exist")
+        cfg = from_dict(_read_toml(path.read_text(encoding="utf-8", errors="replace"), str(path)))
+    else:
+        cfg = Config()
+    return validate(apply_overrides(cfg, list(overrides)))
+
+
+def validate(cfg: Config) -> Config:
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head,
+        "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size,
+        "model.n_step": m.n_step,
+        "train.max_iters": t.max_iters,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.eval_interval": t.eval_interval,
+        "train.eval_iters": t.eval_iters,
+        "train.log_interval": t.log_interval,
+        "train.checkpoint_interval": t.checkpoint_interval,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise LadderError(f"{key} must be >= 1, got {value}")
+    if m.block_size < 2:
+        raise LadderError(f"model.block_size must be >= 2 (the start-of-text token takes one), got {m.block_size}")
+    if m.n_embd % m.n_head:
+        raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if m.n_embd % m.n_step:
+        raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_step ({m.n_step})")
+    if not 0.0 <= m.dropout < 1.0:
+        raise LadderError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 <= t.min_lr <= t.learning_rate:
+        raise LadderError(f"need 0 <= train.min_lr <= train.learning_rate, got {t.min_lr} and {t.learning_rate}")
+    for key in ("warmup_iters", "lr_decay_iters", "seed"):
+        if getattr(t, key) < 0:
+            raise LadderError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.grad_clip < 0 or t.weight_decay < 0:
+        raise LadderError("train.grad_clip and train.weight_decay must be >= 0")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        raise LadderError("train.beta1 and train.beta2 must be in [0, 1)")
+    return cfg
+
+
+def save_json(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_json(path: Path) -> Config:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LadderError(f"cannot read config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise LadderError(f"config {path} is not a JSON object")
+    return validate(from_dict(data, allow_derived=True))

@@ -1,0 +1,161 @@
+"""Corpora, `prepare` (text -> uint16 token files), and batches for training and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LadderError
+from .tokenizer import BpeTokenizer, CharTokenizer, Tokenizer, load_tokenizer
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__"}
+DATA_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
+
+
+def stdlib_documents() -> list[str]:
+    """The standard library's own .py files (tests excluded), in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts))
+    if not files:
+        raise LadderError(f"no .py files found in the standard library at {root}")
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+def shakespeare_documents(timeout: float = 30.0) -> list[str]:
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=timeout) as response:
+            raw = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise LadderError(
+            f"cannot download tiny Shakespeare ({getattr(e, 'reason', e)}); download input.txt yourself and use --source PATH"
+        ) from None
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise LadderError("downloaded tiny Shakespeare has the wrong sha256; use --source PATH with a good copy")
+    return [raw.decode("utf-8")]
+
+
+def path_documents(path: Path) -> list[str]:
+    """A text file is one document; a directory gives its non-hidden files in sorted order."""
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    elif path.is_file():
+        files = [path]
+    else:
+        raise LadderError(f"source {path} does not exist")
+    documents = []
+    for f in files:
+        try:
+            documents.append(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise LadderError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not any(documents):
+        raise LadderError(f"source {path} holds no text")
+    return documents
+
+
+def read_source(source: str) -> list[str]:
+    if source == "stdlib":
+        return stdlib_documents()
+    if source == "shakespeare":
+        return shakespeare_documents()
+    return path_documents(Path(source))
+
+
+def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> dict:
+    """Tokenize a corpus into `out`: train.bin / val.bin (first 90% / last 10%), tokenizer, meta."""
+    documents = read_source(source)
+    if tokenizer == "char":
+        tok: Tokenizer = CharTokenizer.train(documents)
+    elif tokenizer == "bpe":
+        if not 257 <= vocab_size <= 65535:
+            raise LadderError(f"--vocab-size must be in [257, 65535] for byte-level BPE, got {vocab_size}")
+        tok = BpeTokenizer.train(documents, vocab_size)
+    else:
+        raise LadderError(f"unknown tokenizer {tokenizer!r}; choose char or bpe")
+    if tok.vocab_size > 65536:
+        raise LadderError(f"vocabulary of {tok.vocab_size} symbols does not fit uint16 token files")
+    pieces = []
+    for i, doc in enumerate(documents):
+        if i:
+            pieces.append(np.array([tok.eot_id], dtype=np.uint16))
+        pieces.append(np.asarray(tok.encode(doc), dtype=np.uint16))
+    ids = np.concatenate(pieces)
+    n_train = int(0.9 * len(ids))
+    train, val = ids[:n_train], ids[n_train:]
+    sha = hashlib.sha256()
+    for doc in documents:
+        sha.update(doc.encode("utf-8"))
+    meta = {
+        "source": source,
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "sha256": sha.hexdigest(),
+        "documents": len(documents),
+        "train_tokens": len(train),
+        "val_tokens": len(val),
+        "val_chars": len(tok.decode(val.tolist())),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    train.tofile(out / "train.bin")
+    val.tofile(out / "val.bin")
+    tok.save(out / "tokenizer.json")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+@dataclass
+class TokenData:
+    """A prepared data dir: memory-mapped splits, tokenizer and meta."""
+
+    path: Path
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Tokenizer
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenData:
+        path = Path(path)
+        missing = [f for f in DATA_FILES if not (path / f).is_file()]
+        if missing:
+            raise LadderError(f"data dir {path} lacks {', '.join(missing)}; create it with `ladderlm prepare`")
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            vocab_size = int(meta["vocab_size"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise LadderError(f"data dir {path} has a corrupt meta.json ({e})") from None
+        tokenizer = load_tokenizer(path / "tokenizer.json")
+        if tokenizer.vocab_size != vocab_size:
+            raise LadderError(f"data dir {path}: tokenizer has {tokenizer.vocab_size} symbols, meta.json says {vocab_size}")
+        splits = {}
+        for split in ("train", "val"):
+            f = path / f"{split}.bin"
+            if f.stat().st_size % 2:
+                raise LadderError(f"{f} is corrupt: odd number of bytes for uint16 tokens")
+            splits[split] = np.memmap(f, dtype=np.uint16, mode="r") if f.stat().st_size else np.zeros(0, np.uint16)
+        return cls(path, splits["train"], splits["val"], tokenizer, meta)
+
+    def batch(
+        self, split: str, batch_size: int, block_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: inputs start with <|endoftext|> then block_size-1 tokens; targets are the next tokens."""
+        data = self.train if split == "train" else self.val
+        if len(data) < block_size:
+            raise LadderError(f"{split} split has {len(data)} tokens, fewer than block_size={block_size}")
+        starts = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator).numpy()
+        targets = torch.from_numpy(data[starts[:, None] + np.arange(block_size)].astype(np.int64))
+        eot = torch.full((batch_size, 1), self.tokenizer.eot_id, dtype=torch.int64)
+        return torch.cat([eot, targets[:, :-1]], dim=1), targets

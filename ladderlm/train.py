@@ -1,0 +1,205 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation, eval, logs, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import Config, save_json
+from .data import TokenData
+from .errors import LadderError
+from .model import LadderLM
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LadderError("train.device=cuda but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LadderError("train.device=mps but MPS is not available")
+    return torch.device(name)
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (default max_iters)."""
+    t = cfg.train
+    decay_iters = t.lr_decay_iters or t.max_iters
+    if step < t.warmup_iters:
+        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
+    if step >= decay_iters:
+        return t.min_lr
+    progress = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_lr)
+
+
+def make_optimizer(model: LadderLM, cfg: Config) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not on norms, biases or the per-rung norm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2 and not _is_norm(model, p)], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2 or _is_norm(model, p)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(cfg.train.beta1, cfg.train.beta2))
+
+
+def _is_norm(model: LadderLM, p: torch.nn.Parameter) -> bool:
+    return any(p is q for q in (*model.in_norm.parameters(), *model.out_norm.parameters()))
+
+
+@torch.no_grad()
+def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, device: torch.device) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split, drawn from a fixed seed so every eval sees the same ones."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        g = torch.Generator().manual_seed(cfg.train.seed + 1)
+        losses = []
+        for _ in range(cfg.train.eval_iters):
+            x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g)
+            losses.append(model(x.to(device), y.to(device), generator=g if device.type == "cpu" else None)[1].item())
+        out[f"{split}_loss"] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+@dataclass
+class Run:
+    """Where a run writes: the out dir and its files."""
+
+    out: Path
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "ckpt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records past `step` (written after the checkpoint a resume starts from)."""
+        if self.metrics.exists():
+            keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.metrics.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run; returns the final eval losses."""
+    data = TokenData.open(data_dir)
+    run = Run(Path(out_dir))
+    device = resolve_device(cfg.train.device)
+    if resume:
+        state = checkpoint.load_trainer_state(run.ckpt)
+        trained_on = (state["data_sha256"], state["tokenizer"], cfg.model.vocab_size)
+        if trained_on != (data.meta["sha256"], data.tokenizer.kind, data.meta["vocab_size"]):
+            raise LadderError(f"{data.path} is not the data this run was trained on (corpus or tokenizer differs)")
+    cfg.model.vocab_size = data.meta["vocab_size"]
+    if len(data.train) < cfg.model.block_size or len(data.val) < cfg.model.block_size:
+        raise LadderError(f"{data.path}: each split needs at least block_size={cfg.model.block_size} tokens")
+
+    torch.manual_seed(cfg.train.seed)
+    model = LadderLM(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg)
+    data_gen = torch.Generator().manual_seed(cfg.train.seed)
+    step = 0
+    if resume:
+        resumed, _, _ = checkpoint.load(run.ckpt, device)
+        model.load_state_dict(resumed.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        data_gen.set_state(state["data_rng"])
+        run.truncate_metrics(step)
+    else:
+        if run.ckpt.exists() or run.metrics.exists():
+            raise LadderError(f"{run.out} already holds a run; pass --resume to continue it or choose another --out")
+        run.out.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, run.out / "config.json")
+
+    def save_checkpoint() -> None:
+        trainer_state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "data_rng": data_gen.get_state(),
+            "data_sha256": data.meta["sha256"],
+            "tokenizer": data.tokenizer.kind,
+        }
+        checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run.out / "tb"), purge_step=step)
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+    bar = tqdm(total=t.max_iters, initial=step, disable=not progress, unit="it", dynamic_ncols=True)
+    model.train()
+    losses: dict[str, float] = {}
+    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    try:
+        while True:
+            if step % t.eval_interval == 0 or step == t.max_iters:
+                losses = estimate_loss(model, data, cfg, device)
+                run.log({"step": step, **losses})
+                for k, v in losses.items():
+                    writer.add_scalar(k, v, step)
+                bar.write(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
+                window_start = time.perf_counter()
+            if step >= t.max_iters:
+                break
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(t.grad_accum):
+                x, y = data.batch("train", t.batch_size, cfg.model.block_size, data_gen)
+                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / t.grad_accum).backward()
+                loss_sum += loss.detach()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            window_loss += loss_sum
+            bar.update(1)
+            if step % t.log_interval == 0 or step == t.max_iters:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "loss": float(window_loss) / (window_steps * t.grad_accum),
+                    "lr": lr,
+                    "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                }
+                run.log(record)
+                writer.add_scalar("loss", record["loss"], step)
+                writer.add_scalar("lr", lr, step)
+                writer.add_scalar("tokens_per_s", record["tokens_per_s"], step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            if step % t.checkpoint_interval == 0 or step == t.max_iters:
+                save_checkpoint()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        bar.write(f"interrupted: checkpoint at step {step} written to {run.ckpt}")
+        raise
+    finally:
+        bar.close()
+        writer.close()
+    from .plot import plot_losses
+
+    plot_losses([run.out], run.out / "loss.png")
+    return losses

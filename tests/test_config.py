@@ -1,0 +1,53 @@
+import pytest
+
+from ladderlm.config import load_config, parse_override, preset_names
+from ladderlm.errors import LadderError
+
+
+def test_presets_load():
+    assert {"shakespeare-char-cpu", "demo"} <= set(preset_names())
+    cfg = load_config("shakespeare-char-cpu")
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (4, 4, 128, 64)
+    assert (cfg.train.batch_size, cfg.train.max_iters, cfg.train.learning_rate, cfg.train.min_lr) == (12, 2000, 1e-3, 1e-4)
+
+
+def test_override_types():
+    assert parse_override("train.max_iters=7") == ("train.max_iters", 7)
+    assert parse_override("train.learning_rate=3") == ("train.learning_rate", 3.0)
+    assert parse_override("model.bias=true") == ("model.bias", True)
+    cfg = load_config("demo", overrides=["model.n_layer=2"])
+    assert cfg.model.n_layer == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layers=2", "valid keys: model.n_layer"),
+        ("train.max_iters=ten", "must be int"),
+        ("model.bias=maybe", "must be bool"),
+        ("model.vocab_size=5", "unknown config key"),
+        ("max_iters", "expects key=value"),
+        ("model.n_head=3", "divisible by model.n_head"),
+        ("model.n_step=3", "divisible by model.n_step"),
+        ("train.device=tpu", "must be one of"),
+        ("model.dropout=1.5", "dropout"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(LadderError, match=message):
+        load_config("shakespeare-char-cpu", overrides=[override])
+
+
+def test_bad_config_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[model]\nn_layer = 'four'\n")
+    with pytest.raises(LadderError, match="model.n_layer must be int"):
+        load_config(path=path)
+    path.write_text("[modle]\n")
+    with pytest.raises(LadderError, match="unknown config key 'modle'"):
+        load_config(path=path)
+    path.write_text("[model\n")
+    with pytest.raises(LadderError, match="invalid TOML"):
+        load_config(path=path)
+    with pytest.raises(LadderError, match="unknown preset"):
+        load_config("nope")

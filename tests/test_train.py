@@ -1,0 +1,63 @@
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from ladderlm.cli import main
+
+from .conftest import TINY
+
+
+def train_args(data_dir, out, *extra):
+    return [
+        "train",
+        "--preset",
+        "shakespeare-char-cpu",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        *TINY,
+        *extra,
+    ]
+
+
+def test_run_dir_contents(run_dir):
+    for name in ("config.json", "metrics.jsonl", "loss.png", "ckpt/model.safetensors", "ckpt/config.json",
+                 "ckpt/tokenizer.json", "ckpt/trainer.pt"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").iterdir())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(2, 21, 2))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in logged)
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["n_embd"] == 32 and saved["model"]["vocab_size"] > 0 and saved["version"] == 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_is_exact(tmp_path, data_dir, dropout):
+    common = ["--set", "train.lr_decay_iters=12", "--set", f"model.dropout={dropout}", "--set", "train.eval_interval=4"]
+    assert main(train_args(data_dir, tmp_path / "full", *common, "--set", "train.max_iters=12")) == 0
+    assert main(train_args(data_dir, tmp_path / "half", *common, "--set", "train.max_iters=6")) == 0
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "half"), "--resume", "--no-progress",
+                 "--set", "train.max_iters=12"]) == 0  # fmt: skip
+    full = load_file(tmp_path / "full" / "ckpt" / "model.safetensors")
+    resumed = load_file(tmp_path / "half" / "ckpt" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    assert all((full[k] == resumed[k]).all() for k in full)
+
+    def logged(run):  # the training log; the first half's final eval at step 6 is an extra record
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], round(r["loss"], 6)) for r in records if "loss" in r]
+
+    assert logged("half") == logged("full")
+
+
+def test_refuses_to_overwrite_a_run(run_dir, data_dir, capsys):
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    assert main(train_args(data_dir, run_dir)) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
