@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from .config import Config, load_json, save_json
+from .config import SAMPLING_KEYS, Config, apply_overrides, load_json, parse_override, save_json
 from .errors import LadderError
 from .model import LadderLM
 from .tokenizer import Tokenizer, load_tokenizer
@@ -51,9 +51,14 @@ def save(path: Path, model: LadderLM, cfg: Config, tokenizer: Tokenizer, trainer
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[LadderLM, Config, Tokenizer]:
+def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()) -> tuple[LadderLM, Config, Tokenizer]:
+    """Model (in eval mode), config and tokenizer; `overrides` may change only the sampling keys."""
     path = resolve(path)
     cfg = load_json(path / "config.json")
+    for text in overrides:
+        if parse_override(text)[0] not in SAMPLING_KEYS:
+            raise LadderError(f"only {', '.join(SAMPLING_KEYS)} can be changed on a trained model, not {text!r}")
+    cfg = apply_overrides(cfg, list(overrides))
     tokenizer = load_tokenizer(path / "tokenizer.json")
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise LadderError(f"{path}: tokenizer has {tokenizer.vocab_size} symbols but the model {cfg.model.vocab_size}")

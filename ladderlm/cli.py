@@ -76,7 +76,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise LadderError(f"{name} is out of range")
     if args.stream and args.num_samples != 1:
         raise LadderError("--stream prints one sample; use --num-samples 1")
-    model, _, tokenizer = checkpoint.load(args.ckpt, _device(args.device))
+    model, _, tokenizer = checkpoint.load(args.ckpt, _device(args.device), args.set)
     prompt_ids = tokenizer.encode(prompt)
     on_token = None
     if args.stream:
@@ -118,12 +118,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data import TokenData
     from .evaluate import evaluate
 
-    model, cfg, tokenizer = checkpoint.load(args.ckpt, _device(args.device))
+    if args.rows < 1 or args.batch_size < 1:
+        raise LadderError("--rows and --batch-size must be >= 1")
+    model, cfg, tokenizer = checkpoint.load(args.ckpt, _device(args.device), args.set)
     data = TokenData.open(args.data)
     ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
     if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
         raise LadderError(f"{args.ckpt} was trained with another tokenizer than the one in {args.data}")
-    result = evaluate(model, data, args.batch_size)
+    result = evaluate(model, data, args.rows, args.batch_size)
     if args.json:
         print(json.dumps(result))
     else:
@@ -143,6 +145,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
     plot_losses([Path(r) for r in args.runs], Path(args.out))
     print(f"wrote {args.out}")
+
+
+SAMPLING_HELP = "change how the model samples: model.sample_fill=raw|renoise, model.prompt_noise=sample|zero"
 
 
 def build_parser() -> ArgumentParser:
@@ -180,6 +185,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SAMPLING_HELP)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
 
@@ -187,7 +193,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SAMPLING_HELP)
+    p.add_argument("--rows", type=int, default=64, help="the split is read as this many parallel streams")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per teacher-forced batch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 

@@ -27,6 +27,13 @@ class ModelConfig:
     backbone: str = "attention"
     n_step: int = 1  # ladder rungs S; 1 is the GPT
     tie_head: bool = True
+    gamma: float = 0.0  # signal schedule shaping: alpha ** (1 - gamma)
+    noise: str = "window"  # training noise: the seed's window sums, independent, or orthogonal (LayerNorm space)
+    latent_loss_scale: float = 0.0  # weight of the relative latent MSE y[p, s] -> x[p+1, s]
+    ce_rungs: str = "all"  # cross-entropy on every rung or on the clean rung only
+    ce_weighting: str = "uniform"  # per-rung CE weights: uniform, or proportional to the rung's signal alpha
+    sample_fill: str = "raw"  # not-yet-emitted rungs at sampling: raw outputs, or re-noised to the rung's level
+    prompt_noise: str = "sample"  # known tokens on noisy rungs at sampling: fresh noise at the rung's level, or zero
 
 
 @dataclass
@@ -61,7 +68,19 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 DERIVED_KEYS = {"model.vocab_size"}
-CHOICES = {"model.backbone": ("attention",), "train.device": ("auto", "cpu", "cuda", "mps")}
+CHOICES = {
+    "model.backbone": ("attention",),
+    "model.noise": ("window", "independent", "orthogonal"),
+    "model.ce_rungs": ("all", "clean"),
+    "model.ce_weighting": ("uniform", "alpha"),
+    "model.sample_fill": ("raw", "renoise"),
+    "model.prompt_noise": ("sample", "zero"),
+    "train.device": ("auto", "cpu", "cuda", "mps"),
+}
+
+
+# Keys that change how a trained model samples, not its weights: `sample` and `eval` accept them.
+SAMPLING_KEYS = ("model.sample_fill", "model.prompt_noise")
 
 
 def settable_keys() -> list[str]:
@@ -192,6 +211,10 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.n_embd % m.n_step:
         raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_step ({m.n_step})")
+    if not 0.0 <= m.gamma < 1.0:
+        raise LadderError(f"model.gamma must be in [0, 1), got {m.gamma}")
+    if m.latent_loss_scale < 0:
+        raise LadderError(f"model.latent_loss_scale must be >= 0, got {m.latent_loss_scale}")
     if not 0.0 <= m.dropout < 1.0:
         raise LadderError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 <= t.min_lr <= t.learning_rate:

@@ -1,4 +1,11 @@
-"""Evaluation over the whole validation split."""
+"""Evaluation over the whole validation split: free-running likelihood, teacher-forced diagnostics.
+
+The split is cut into `rows` contiguous rows, each read as a stream that starts with the start
+token and slides like the sampler. Every token is scored exactly once, in both passes:
+- free-running: the sampler's own computation, the true token fed back on the clean rung; the
+  model's likelihood of the text (`val_loss`). For S = 1 it equals the teacher-forced loss.
+- teacher-forced: parallel windows, every rung fed the (noised) truth; per-rung diagnostics.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,12 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from . import objectives
 from .data import TokenData
 from .model import LadderLM
-from .sampling import context_keep
+from .sampling import context_keep, decode
 
 
 def sliding_windows(n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,39 +37,99 @@ def sliding_windows(n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndar
     return starts, first_scored
 
 
-@torch.inference_mode()
-def teacher_forced_loss(
-    model: LadderLM, tokens: np.ndarray, eot_id: int, batch_size: int = 32, seed: int = 0
-) -> tuple[float, int]:
-    """Total clean-rung NLL (nats) of `tokens` and the number scored, windows batched.
+def split_rows(tokens: np.ndarray, n_rows: int) -> tuple[Tensor, Tensor]:
+    """(R, n) rows of consecutive tokens (the last one padded) and their true lengths (R,)."""
+    n = max(1, math.ceil(len(tokens) / n_rows))
+    R = max(1, math.ceil(len(tokens) / n))
+    padded = np.zeros(R * n, dtype=np.int64)
+    padded[: len(tokens)] = tokens
+    lengths = np.clip(len(tokens) - np.arange(R) * n, 0, n)
+    return torch.from_numpy(padded).view(R, n), torch.from_numpy(lengths)
 
-    Slot (p, S-1) holds token p - S + 1, so logits[:, S-1:, -1] score targets 0..T-1 of a window.
-    """
-    model.eval()
+
+@torch.inference_mode()
+def free_running_nll(model: LadderLM, rows: Tensor, lengths: Tensor, eot_id: int, seed: int = 0) -> float:
+    """Total NLL (nats) of the rows under the sampler's computation, true tokens fed back."""
+    device = model.wte.weight.device
+    rows, lengths = rows.to(device), lengths.to(device)
+    nll = torch.zeros(rows.shape[0], device=device)
+
+    def pick(logits: Tensor, i: int) -> Tensor:
+        nll.add_(F.cross_entropy(logits.float(), rows[:, i], reduction="none") * (i < lengths))
+        return rows[:, i]
+
+    prompt = torch.full((rows.shape[0], 1), eot_id, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    decode(model, prompt, rows.shape[1], pick, generator=generator)
+    return nll.sum().item()
+
+
+@torch.inference_mode()
+def teacher_forced_stats(
+    model: LadderLM, rows: Tensor, lengths: Tensor, eot_id: int, batch_size: int = 32, seed: int = 0
+) -> dict[str, Tensor]:
+    """Sums over the scored slots of parallel windows, per rung (S,): cross-entropy, latent error,
+    latent target energy, and the denoise ratio's numerator and denominator; plus slot counts."""
     device = model.wte.weight.device
     T, S = model.cfg.block_size, model.n_step
-    starts, first_scored = sliding_windows(len(tokens), T)
-    data = torch.from_numpy(tokens.astype(np.int64))
+    starts, first_scored = sliding_windows(rows.shape[1], T)
+    # Every (row, window) pair: token offsets within the row and which targets it scores.
+    offsets = torch.from_numpy(starts)[:, None] + torch.arange(T)  # (W, T)
+    scored = (offsets[None] < lengths[:, None, None]) & (torch.arange(T) >= torch.from_numpy(first_scored)[:, None])
+    windows = rows[:, offsets.clamp(max=rows.shape[1] - 1)].flatten(0, 1)  # (R * W, T)
+    scored = scored.flatten(0, 1)
     generator = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        s = torch.from_numpy(starts[i : i + batch_size])[:, None] + torch.arange(T)  # (b, T) target indices
-        window = data[s.clamp(max=len(data) - 1)]  # positions past the end repeat the last token: never scored
-        scored = (s < len(data)) & (torch.arange(T) >= torch.from_numpy(first_scored[i : i + batch_size])[:, None])
-        inputs = torch.cat([torch.full_like(window[:, :1], eot_id), window[:, :-1]], 1).to(device)
-        targets = window.masked_fill(~scored, -100).to(device)
-        logits, _ = model(inputs, generator=generator)
-        nll = F.cross_entropy(logits[:, S - 1 :, -1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int(scored.sum())
-    return total, count
+    sums = {k: torch.zeros(S, dtype=torch.float64) for k in ("ce", "ce_count", "latent", "latent_ref", "num", "den")}
+    for i in range(0, len(windows), batch_size):
+        window = windows[i : i + batch_size].to(device)
+        targets = window.masked_fill(~scored[i : i + batch_size].to(device), -100)
+        inputs = torch.cat([torch.full_like(window[:, :1], eot_id), window[:, :-1]], 1)
+        x, y = model.teacher_forced(inputs, generator)
+        slot_tgt, real = objectives.slot_targets(targets, S)
+        counted = slot_tgt != -100  # (b, L, S)
+        ce = objectives.slot_cross_entropy(model.lm_head(y), slot_tgt)
+        err, ref, pairs = objectives.latent_errors(model.in_norm(y), x, real)
+        pairs = pairs & counted[:, :-1]  # (b, L-1, S)
+        # Denoise ratio: output (as fed back) vs the same token's input one rung noisier, x[p, s-1].
+        den = (x[:, :-1, :-1] - x[:, 1:, 1:]).pow(2).sum(-1)  # (b, L-1, S-1), rungs 1..S-1
+        for key, value, mask in (
+            ("ce", ce, counted),
+            ("ce_count", torch.ones_like(ce), counted),
+            ("latent", err, pairs),
+            ("latent_ref", ref, pairs),
+            ("num", err[..., 1:], pairs[..., 1:]),
+            ("den", den, pairs[..., 1:]),
+        ):
+            total = (value * mask).sum((0, 1)).double().cpu()
+            sums[key][S - total.shape[0] :] += total
+    return sums
 
 
-def evaluate(model: LadderLM, data: TokenData, batch_size: int = 32) -> dict:
-    total, count = teacher_forced_loss(model, np.asarray(data.val), data.tokenizer.eot_id, batch_size)
-    val_loss = total / count
+def evaluate(model: LadderLM, data: TokenData, rows: int = 64, batch_size: int = 32, seed: int = 0) -> dict:
+    model.eval()
+    token_rows, lengths = split_rows(np.asarray(data.val), rows)
+    count = int(lengths.sum())
+    eot = data.tokenizer.eot_id
+    free = free_running_nll(model, token_rows, lengths, eot, seed) / count
+    stats = teacher_forced_stats(model, token_rows, lengths, eot, batch_size, seed)
+    S = model.n_step
+    per_rung = [
+        {
+            "rung": s,
+            "alpha": float(model.alpha[s]),
+            "ce": float(stats["ce"][s] / stats["ce_count"][s]),
+            "latent_mse": float(stats["latent"][s] / stats["latent_ref"][s]) if stats["latent_ref"][s] > 0 else None,
+            "denoise_ratio": float(stats["num"][s] / stats["den"][s]) if s > 0 and stats["den"][s] > 0 else None,
+        }
+        for s in range(S)
+    ]
     return {
-        "val_loss": val_loss,
-        "bits_per_char": total / math.log(2) / max(1, data.meta["val_chars"]),
+        "val_loss": free,
+        "bits_per_char": free * count / math.log(2) / max(1, data.meta["val_chars"]),
         "tokens": count,
+        "free_running_loss": free,
+        "teacher_forced_loss": per_rung[-1]["ce"],
+        "n_step": S,
+        "rows": int(token_rows.shape[0]),
+        "per_rung": per_rung,
     }

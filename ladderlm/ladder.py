@@ -16,6 +16,35 @@ def slot_tokens(positions: Tensor, n_step: int) -> Tensor:
     return positions[:, None] - torch.arange(n_step, device=positions.device)
 
 
+def slot_masks(positions: Tensor, n_known: int, n_step: int) -> tuple[Tensor, Tensor]:
+    """(P, S) masks over tokens 0..n_known-1 being known.
+
+    real:  the slot holds a known token (the training mask: 0 <= p - s < n_known);
+    given: the slot is an input, a known token or a left pad (the generation mask: p - s < n_known).
+    The other slots (~given) hold tokens not emitted yet: the sampler fills them from the model's outputs.
+    """
+    j = slot_tokens(positions, n_step)
+    return (j >= 0) & (j < n_known), j < n_known
+
+
+def tilt(x: Tensor) -> Tensor:
+    """Token-major (B, t + 2(S-1), S, ...) -> ladder (B, t + S - 1, S, ...): out[:, p, s] = x[:, p + S-1-s, s]."""
+    S = x.shape[2]
+    p = torch.arange(x.shape[1] - (S - 1), device=x.device)[:, None]
+    s = torch.arange(S, device=x.device)
+    return x[:, p + S - 1 - s, s]
+
+
+def untilt(y: Tensor) -> Tensor:
+    """Inverse of `tilt`: ladder (B, L, S, ...) -> token-major (B, L + S - 1, S, ...), zeros where no slot maps."""
+    L, S = y.shape[1], y.shape[2]
+    q = torch.arange(L + S - 1, device=y.device)[:, None]
+    src = q - (S - 1) + torch.arange(S, device=y.device)  # (L + S - 1, S) ladder position of each entry
+    inside = (src >= 0) & (src < L)
+    out = y[:, src.clamp(0, L - 1), torch.arange(S, device=y.device)]
+    return out * inside.view(1, *inside.shape, *([1] * (y.dim() - 3))).to(y.dtype)
+
+
 def alpha_schedule(n_step: int, gamma: float = 0.0) -> Tensor:
     """Signal variance per rung: linspace(1/S, 1, S), optionally shaped by alpha^(1-gamma); clean top rung."""
     alpha = torch.linspace(1.0 / n_step, 1.0, n_step) ** (1.0 - gamma)
@@ -39,6 +68,26 @@ def window_sum_noise(
     p = torch.arange(n_positions, device=device)[:, None]  # (P, 1)
     window = prefix[:, p + k] - prefix[:, p.expand(-1, n_step - 1)]  # (B, P, S-1, E)
     return torch.nn.functional.pad(window / k.to(window.dtype).sqrt()[:, None], (0, 0, 0, 1))
+
+
+def independent_noise(draws: Tensor) -> Tensor:
+    """i.i.d. unit Gaussian noise per slot from draws (B, P, S-1, E); zero on the clean rung."""
+    return torch.nn.functional.pad(draws, (0, 0, 0, 1))
+
+
+def orthogonal_noise(emb: Tensor, draws: Tensor) -> Tensor:
+    """LayerNorm-space noise: centred, orthogonal to the centred embedding, and of its norm.
+
+    Then sqrt(a) e + sqrt(1 - a) eps has the norm of e after centring, so after the input
+    LayerNorm the slot's cosine with its clean token is exactly sqrt(alpha).
+    emb: (B, P, S, E); draws: (B, P, S-1, E) unit Gaussians for the noisy rungs.
+    """
+    e = emb - emb.mean(-1, keepdim=True)
+    eps = independent_noise(draws)
+    eps = eps - eps.mean(-1, keepdim=True)
+    unit_e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    eps = eps - (eps * unit_e).sum(-1, keepdim=True) * unit_e
+    return eps * (e.norm(dim=-1, keepdim=True) / eps.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def slot_signal(alpha: Tensor) -> tuple[Tensor, Tensor]:

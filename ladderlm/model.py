@@ -1,8 +1,10 @@
 """The ladder language model over any stateful backbone. With n_step = 1 it is the GPT.
 
-Each ladder position carries S rungs of E = n_embd // S features; slot (p, s) holds token p - s.
-The backbone sees the S rungs flattened to n_embd; its output y[p, s] is read per rung, and
-lm_head(y[p, s]) predicts token p + 1 - s. With S = 1: one rung, no noise, y[p] -> x_{p+1}.
+Each ladder position carries S rungs of E = n_embd // S features; slot (p, s) holds token p - s
+at signal fraction alpha_s (rung 0 noisiest, rung S-1 clean). The backbone sees the S rungs
+flattened to n_embd; its output y[p, s] is read per rung: lm_head(y[p, s]) predicts token
+p + 1 - s and y[p, s] itself predicts the next ladder's slot x[p + 1, s]. With S = 1: one rung,
+signal 1, no noise, y[p] -> x_{p+1}: the GPT, by this same code.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ladder
+from . import ladder, objectives
 from .backbones import build_backbone
 from .config import ModelConfig
 
@@ -41,13 +43,15 @@ class LadderLM(nn.Module):
         self.out_norm = RungNorm(S, E, cfg.bias)
         self.lm_head = nn.Linear(E, cfg.vocab_size, bias=False)
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
         # Start the normalised inputs at GPT-2's embedding scale: at gain 1 they would swamp the
         # residual updates (std 0.02) and slow early training (val 1.96 vs 1.85 on the CPU recipe).
         nn.init.constant_(self.in_norm.weight, 0.02)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
         if cfg.tie_head:
             self.lm_head.weight = self.wte.weight
-        sqrt_a, sqrt_1ma = ladder.slot_signal(ladder.alpha_schedule(S))
+        alpha = ladder.alpha_schedule(S, cfg.gamma)
+        sqrt_a, sqrt_1ma = ladder.slot_signal(alpha)
+        self.register_buffer("alpha", alpha, persistent=False)  # (S,)
         self.register_buffer("sqrt_alpha", sqrt_a, persistent=False)  # (S, 1)
         self.register_buffer("sqrt_one_minus_alpha", sqrt_1ma, persistent=False)
 
@@ -58,20 +62,71 @@ class LadderLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def slot_inputs(self, tokens: Tensor, positions: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Normalised inputs of the slots at `positions` over known `tokens` (B, n).
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None):
+        return self.backbone.empty_state(batch_size, device or self.wte.weight.device, self.wte.weight.dtype)
 
-        Returns x (B, P, S, E) and the (P, S) mask of slots whose token lies beyond the known ones
-        (the sampler fills those from the model's own outputs; in training they stay pads).
+    def noise(
+        self, kind: str, emb: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None
+    ) -> Tensor | None:
+        """Noise of construction `kind` for slot embeddings emb (B, P, S, E), at their scale; None for "zero".
+
+        `draws` (B, P, S-1, E) fixes the Gaussians of the noisy rungs, so that the sampler gives
+        every slot the same noise however the positions are batched; "window" always draws anew.
         """
-        j = ladder.slot_tokens(positions, self.n_step)  # (P, S)
+        if kind == "zero":
+            return None
+        B, P, S, E = emb.shape
+        scale = self.wte.weight.detach().std(0)  # the embeddings' per-feature scale; noise carries no gradient
+        if kind == "window":
+            return ladder.window_sum_noise(B, P, S, E, generator, emb.device) * scale
+        if draws is None:
+            draws = torch.randn(B, P, S - 1, E, generator=generator, device=emb.device)
+        if kind == "orthogonal":
+            return ladder.orthogonal_noise(emb, draws)
+        return ladder.independent_noise(draws) * scale
+
+    def embed_slots(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        noise: str,
+        generator: torch.Generator | None = None,
+        draws: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Normalised slot inputs at `positions` over known tokens (B, n).
+
+        Returns x (B, P, S, E) and the (P, S) `given` mask; the other slots hold tokens not
+        emitted yet (pads here; the sampler replaces them with the model's own outputs).
+        """
         n = tokens.shape[1]
-        real = (j >= 0) & (j < n)
-        emb = self.wte(tokens[:, j.clamp(0, n - 1)])  # (B, P, S, E)
+        real, given = ladder.slot_masks(positions, n, self.n_step)
+        emb = self.wte(tokens[:, ladder.slot_tokens(positions, self.n_step).clamp(0, n - 1)])  # (B, P, S, E)
         raw = self.sqrt_alpha * emb
-        if noise is not None:
-            raw = raw + self.sqrt_one_minus_alpha * noise
-        return self.in_norm(raw * real[..., None]), j >= n
+        eps = self.noise(noise, emb, generator, draws)
+        if eps is not None:
+            raw = raw + self.sqrt_one_minus_alpha * eps
+        return self.in_norm(raw * real[..., None]), given
+
+    @property
+    def prompt_noise(self) -> str:
+        """Noise on known tokens at sampling (`model.prompt_noise`), drawn per slot."""
+        if self.cfg.prompt_noise == "zero":
+            return "zero"
+        return "orthogonal" if self.cfg.noise == "orthogonal" else "independent"
+
+    def fill(self, y: Tensor, draws: Tensor | None = None) -> Tensor:
+        """Inputs for not-yet-emitted slots from the previous outputs y (N, S, E) (`model.sample_fill`).
+
+        raw: the outputs themselves (the seed), through the input norm like every slot input.
+        renoise: the head's expected clean embedding, noised afresh to the rung's level, as a
+        DDPM step toward the predicted token would.
+        """
+        if self.cfg.sample_fill == "raw":
+            return self.in_norm(y)
+        clean = self.lm_head(y).softmax(-1) @ self.wte.weight  # (N, S, E)
+        kind = "orthogonal" if self.cfg.noise == "orthogonal" else "independent"
+        eps = self.noise(kind, clean[:, None], draws=None if draws is None else draws[:, None])[:, 0]
+        return self.in_norm(self.sqrt_alpha * clean + self.sqrt_one_minus_alpha * eps)
 
     def run(self, x: Tensor, state):
         """Backbone over ladder inputs (B, P, S, E) -> outputs (B, P, S, E) and the new state."""
@@ -79,31 +134,22 @@ class LadderLM(nn.Module):
         h, state = self.backbone(x.reshape(B, P, S * E), state)
         return self.out_norm(h.view(B, P, S, E)), state
 
-    def empty_state(self, batch_size: int, device: torch.device | str | None = None):
-        return self.backbone.empty_state(batch_size, device or self.wte.weight.device, self.wte.weight.dtype)
+    def teacher_forced(self, idx: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Inputs and outputs (B, L, S, E) of the L = T + S - 1 positions over windows idx (B, T)."""
+        B, T = idx.shape
+        x, _ = self.embed_slots(idx, torch.arange(T + self.n_step - 1, device=idx.device), self.cfg.noise, generator)
+        y, _ = self.run(x, self.empty_state(B, idx.device))
+        return x, y
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Teacher-forced pass over token windows idx (B, T); targets (B, T) are the next tokens.
-
-        Returns logits (B, L, S, V) for the L = T + S - 1 ladder positions and the mean
-        cross-entropy over real slots (slot (p, s) predicts token p + 1 - s).
-        """
-        B, T = idx.shape
-        S, L = self.n_step, T + self.n_step - 1
-        positions = torch.arange(L, device=idx.device)
-        noise = ladder.window_sum_noise(B, L, S, self.rung_dim, generator, idx.device)
-        x, _ = self.slot_inputs(idx, positions, noise)
-        y, _ = self.run(x, self.empty_state(B, idx.device))
+        """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss."""
+        x, y = self.teacher_forced(idx, generator)
         logits = self.lm_head(y)
         if targets is None:
             return logits, None
-        j = ladder.slot_tokens(positions, S)  # (L, S): slot (p, s) holds x_j and predicts targets[j]
-        real = (j >= 0) & (j < T)
-        slot_targets = targets[:, j.clamp(0, T - 1)].masked_fill(~real, -100)  # (B, L, S)
-        loss = F.cross_entropy(logits.flatten(0, -2), slot_targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits, objectives.ladder_loss(self.cfg, logits, y, x, targets, self.alpha, self.in_norm)
 
     def clean_logits(self, y: Tensor) -> Tensor:
         """Distribution over the next token to emit, from the clean rung of outputs y (..., S, E)."""

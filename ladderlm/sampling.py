@@ -25,28 +25,44 @@ def context_keep(block_size: int) -> int:
 
 
 @torch.inference_mode()
-def decode(model: LadderLM, prompt: Tensor, n_new: int, pick: Pick, parallel_prefill: bool = True) -> Tensor:
+def decode(
+    model: LadderLM,
+    prompt: Tensor,
+    n_new: int,
+    pick: Pick,
+    parallel_prefill: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Emit n_new tokens after prompt (N, t) (start token first), choosing each with `pick`.
 
-    parallel_prefill=False computes the prompt positions one at a time: the reference path.
+    Known tokens enter their slots noised as `model.prompt_noise` says; slots of tokens not
+    emitted yet take `model.fill` of the previous outputs. parallel_prefill=False computes the
+    prompt positions one at a time: the reference path. `generator` drives the sampling noise.
     """
     N, S, block = prompt.shape[0], model.n_step, model.cfg.block_size
     device = prompt.device
     ctx = torch.empty(N, block + 1, dtype=torch.long, device=device)  # known tokens of the window
     out = torch.empty(N, n_new, dtype=torch.long, device=device)
 
+    draws = torch.empty(0)
+
     def step(p: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
-        x, unknown = model.slot_inputs(ctx[:, :n_known], torch.arange(p, p + 1, device=device))
-        x = torch.where(unknown[..., None], y_last[:, None], x)  # (N, 1, S, E)
+        at = torch.arange(p, p + 1, device=device)
+        x, given = model.embed_slots(ctx[:, :n_known], at, model.prompt_noise, draws=draws[:, p : p + 1])
+        x = torch.where(given[..., None], x, model.fill(y_last, draws[:, p])[:, None])  # (N, 1, S, E)
         y, state = model.run(x, state)
         return y[:, -1], state
 
     def restart(window: Tensor) -> tuple[int, Tensor, object]:
+        nonlocal draws
+        # One Gaussian per noisy slot of the window, drawn up front: a slot gets the same noise
+        # whether its position is computed in the parallel prefill or in a single step.
+        draws = torch.randn(N, model.n_positions, S - 1, model.rung_dim, generator=generator, device=device)
         t = window.shape[1]
         ctx[:, :t] = window
         state = model.empty_state(N, device)
         if parallel_prefill:
-            x, _ = model.slot_inputs(window, torch.arange(t, device=device))
+            x, _ = model.embed_slots(window, torch.arange(t, device=device), model.prompt_noise, draws=draws[:, :t])
             y, state = model.run(x, state)
             return t, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # never read: prompt slots are all known
@@ -123,4 +139,4 @@ def generate(
             on_token(token)
             return token
 
-    return decode(model, prompt, max_new_tokens, pick)
+    return decode(model, prompt, max_new_tokens, pick, generator=generator)

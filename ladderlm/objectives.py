@@ -1,0 +1,68 @@
+"""The ladder's training objectives: cross-entropy over rungs and the latent loss.
+
+Slot (p, s) holds token j = p - s; its output y[p, s] is asked to classify token j + 1 (that is
+targets[j]) and, fed back through the input norm as the sampler feeds it, to equal the next
+ladder's slot x[p + 1, s], which holds that same token one rung cleaner than the input slot
+x[p, s - 1] it came from. With S = 1 and no latent weight this
+is the GPT's next-token cross-entropy, exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ladder
+from .config import ModelConfig
+
+
+def slot_targets(targets: Tensor, n_step: int) -> tuple[Tensor, Tensor]:
+    """Per-slot targets (B, L, S), -100 on pads, and the (L, S) mask of real slots."""
+    T = targets.shape[1]
+    positions = torch.arange(T + n_step - 1, device=targets.device)
+    real, _ = ladder.slot_masks(positions, T, n_step)
+    j = ladder.slot_tokens(positions, n_step).clamp(0, T - 1)
+    return targets[:, j].masked_fill(~real, -100), real
+
+
+def slot_cross_entropy(logits: Tensor, slot_tgt: Tensor) -> Tensor:
+    """(B, L, S, V) logits and (B, L, S) targets -> (B, L, S) cross-entropy, 0 on pads."""
+    ce = F.cross_entropy(logits.flatten(0, -2).float(), slot_tgt.flatten(), ignore_index=-100, reduction="none")
+    return ce.view(slot_tgt.shape)
+
+
+def latent_errors(fed: Tensor, x: Tensor, real: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Squared error of fed[p, s] against the detached next slot x[p+1, s], summed over features.
+
+    fed = in_norm(y): the outputs as the sampler feeds them back into not-yet-emitted slots.
+    Returns err (B, L-1, S), the target's squared norm (B, L-1, S) and the (L-1, S) mask of
+    pairs whose two slots are real.
+    """
+    target = x[:, 1:].detach()
+    err = (fed[:, :-1] - target).pow(2).sum(-1)
+    return err, target.pow(2).sum(-1), real[:-1] & real[1:]
+
+
+def rung_weights(cfg: ModelConfig, alpha: Tensor) -> Tensor:
+    """(S,) cross-entropy weight per rung from `ce_rungs` and `ce_weighting`."""
+    w = alpha / alpha.mean() if cfg.ce_weighting == "alpha" else torch.ones_like(alpha)
+    if cfg.ce_rungs == "clean":
+        w = w * (torch.arange(len(w), device=w.device) == len(w) - 1)
+    return w
+
+
+def ladder_loss(
+    cfg: ModelConfig, logits: Tensor, y: Tensor, x: Tensor, targets: Tensor, alpha: Tensor, feed: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Weighted mean cross-entropy over real slots + latent_loss_scale * relative latent MSE of feed(y)."""
+    slot_tgt, real = slot_targets(targets, cfg.n_step)
+    w = rung_weights(cfg, alpha) * real  # (L, S)
+    loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / (w.sum() * targets.shape[0])
+    if cfg.latent_loss_scale > 0:
+        err, ref, pairs = latent_errors(feed(y), x, real)
+        # Relative to the target's energy: the loss does not depend on the input norm's scale.
+        loss = loss + cfg.latent_loss_scale * (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
+    return loss
