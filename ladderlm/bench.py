@@ -1,4 +1,7 @@
-"""Speed measurements with random weights: matmul peak, training throughput, decoding."""
+"""Speed with random weights, ladder against the GPT of the same widths and depths.
+
+Every figure is the median of `repeats` timed runs after one warm-up run.
+"""
 
 from __future__ import annotations
 
@@ -33,18 +36,18 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
 
 
-def train_flops_per_token(model: LadderLM, cfg: Config) -> float:
+def train_flops_per_token(model: LadderLM) -> float:
     """nanoGPT's estimate: 6 N (weights, without position embeddings) plus attention's 12 L C T."""
-    m = cfg.model
+    m = model.cfg
     n_params = model.num_params() - model.backbone.wpe.weight.numel()
-    return 6 * n_params + 12 * m.n_layer * m.n_embd * (m.block_size + m.n_step - 1)
+    return 6 * n_params + 12 * m.n_layer * m.n_embd * model.n_positions
 
 
-def train_tokens_per_s(model: LadderLM, cfg: Config, device: torch.device, repeats: int, steps: int = 10) -> float:
+def train_tokens_per_s(model: LadderLM, cfg: Config, repeats: int, steps: int = 5) -> float:
     """Forward, backward and AdamW step on random batches: the bare loop, no data loading or logging."""
     optimizer = make_optimizer(model, cfg)
-    t = cfg.train
-    x = torch.randint(cfg.model.vocab_size, (t.batch_size, cfg.model.block_size), device=device)
+    t, device = cfg.train, model.wte.weight.device
+    x = torch.randint(model.cfg.vocab_size, (t.batch_size, model.cfg.block_size), device=device)
     model.train()
 
     def run() -> None:
@@ -55,7 +58,9 @@ def train_tokens_per_s(model: LadderLM, cfg: Config, device: torch.device, repea
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return steps * t.batch_size * cfg.model.block_size / median_seconds(run, repeats)
+    tokens_per_s = steps * t.batch_size * model.cfg.block_size / median_seconds(run, repeats)
+    model.eval()
+    return tokens_per_s
 
 
 @torch.inference_mode()
@@ -70,33 +75,81 @@ def recompute_decode(model: LadderLM, prompt: torch.Tensor, n_new: int, pick) ->
     return tokens[:, prompt.shape[1] :]
 
 
-def run_bench(preset: str, overrides: list[str] = (), repeats: int = 5, prompt_len: int = 64, n_new: int = 256) -> dict:
+def first_logits(model: LadderLM, prompts: torch.Tensor, n_new: int, parallel: bool) -> torch.Tensor:
+    """Clean-rung logits of the first n_new greedy tokens, (N, n_new, V)."""
+    seen = []
+
+    def pick(logits: torch.Tensor, _i: int) -> torch.Tensor:
+        seen.append(logits)
+        return logits.argmax(-1)
+
+    decode(model, prompts, n_new, pick, parallel_prefill=parallel, generator=torch.Generator().manual_seed(0))
+    return torch.stack(seen, 1)
+
+
+def run_bench(
+    preset: str = "bench", overrides: list[str] = (), repeats: int = 5, prompt_len: int = 256, n_new: int = 256
+) -> dict:
     cfg = load_config(preset, overrides=overrides)
     cfg.model.vocab_size = BENCH_VOCAB
     device = resolve_device(cfg.train.device)
-    torch.manual_seed(0)
-    model = LadderLM(cfg.model).to(device)
-    tokens_per_s = train_tokens_per_s(model, cfg, device, repeats)
-    peak = matmul_peak_flops()
-    flops = train_flops_per_token(model, cfg) * tokens_per_s
+    models = {}
+    for name, n_step in (("ladder", cfg.model.n_step), ("gpt", 1)):
+        torch.manual_seed(0)
+        model_cfg = type(cfg.model)(**{**vars(cfg.model), "n_step": n_step})
+        if n_step == 1:
+            model_cfg.latent_loss_scale = 0.0  # the GPT baseline trains on cross-entropy alone
+        models[name] = LadderLM(model_cfg).to(device).eval()
+    ladder, gpt = models["ladder"], models["gpt"]
+    g = torch.Generator(device=device).manual_seed(0)
+    greedy = sampler(0.0, None, None, g)
 
-    model.eval()
-    prompt = torch.randint(BENCH_VOCAB, (1, prompt_len + 1), device=device)
-    greedy = sampler(0.0, None, None, torch.Generator(device=device))
-    cached_s = median_seconds(lambda: decode(model, prompt, n_new, greedy), repeats)
-    recompute_s = median_seconds(lambda: recompute_decode(model, prompt, n_new, greedy), repeats)
+    def prompts(batch: int) -> torch.Tensor:
+        return torch.randint(BENCH_VOCAB, (batch, prompt_len + 1), generator=g, device=device)
+
+    def timed(model: LadderLM, batch: int, new: int, parallel: bool = True) -> float:
+        p = prompts(batch)
+        return median_seconds(lambda: decode(model, p, new, greedy, parallel_prefill=parallel), repeats)
+
+    prefill = {"ladder_phased": timed(ladder, 1, 1), "ladder_naive": timed(ladder, 1, 1, parallel=False), "gpt": timed(gpt, 1, 1)}
+    decode_rate = {}
+    for name, model in models.items():
+        for batch, key in ((1, name), (8, f"{name}_batch8")):
+            total = timed(model, batch, n_new)
+            first = prefill[name if name == "gpt" else "ladder_phased"] if batch == 1 else timed(model, batch, 1)
+            decode_rate[key] = batch * (n_new - 1) / (total - first)
+    p = prompts(2)
+    diff = (first_logits(ladder, p, 8, True) - first_logits(ladder, p, 8, False)).abs().max().item()
+    train_rate = {name: train_tokens_per_s(model, cfg, repeats) for name, model in models.items()}
+    peak = matmul_peak_flops()
+    short = prompts(1)[:, :65]  # the foundation's figure: 64-token prompt, 256 new tokens, the GPT
+    cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
+    recompute_s = median_seconds(lambda: recompute_decode(gpt, short, n_new, greedy), repeats)
     return {
         "preset": preset,
         "overrides": list(overrides),
-        "prompt_tokens": prompt_len,
-        "new_tokens": n_new,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "params": model.num_params(),
+        "params": {name: model.num_params() for name, model in models.items()},
+        "prompt_tokens": prompt_len,
+        "new_tokens": n_new,
+        "prefill_ms": {k: v * 1000 for k, v in prefill.items()},
+        "decode_tokens_per_s": decode_rate,
+        "train_tokens_per_s": train_rate,
+        "prefill_max_abs_diff": diff,
+        "ratios": {
+            "prefill_naive_over_phased": prefill["ladder_naive"] / prefill["ladder_phased"],
+            "prefill_phased_over_gpt": prefill["ladder_phased"] / prefill["gpt"],
+            "decode_ladder_over_gpt": decode_rate["ladder"] / decode_rate["gpt"],
+            "train_ladder_over_gpt": train_rate["ladder"] / train_rate["gpt"],
+        },
         "matmul_peak_gflops": peak / 1e9,
-        "train_tokens_per_s": tokens_per_s,
-        "train_gflops": flops / 1e9,
-        "train_fraction_of_matmul_peak": flops / peak,
-        "decode_tokens_per_s": {"cached": n_new / cached_s, "recompute": n_new / recompute_s},
-        "cached_speedup": recompute_s / cached_s,
+        "train_fraction_of_matmul_peak": {
+            name: train_flops_per_token(model) * train_rate[name] / peak for name, model in models.items()
+        },
+        "gpt_decode_64_prompt": {
+            "cached_tokens_per_s": n_new / cached_s,
+            "recompute_tokens_per_s": n_new / recompute_s,
+            "cached_speedup": recompute_s / cached_s,
+        },
     }

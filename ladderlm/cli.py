@@ -58,39 +58,56 @@ def _prompt_text(prompt: str) -> str:
     return prompt
 
 
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
+    cut = min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from . import checkpoint
     from .sampling import generate
 
-    prompt = _prompt_text(args.prompt)
+    prompts = [_prompt_text(p) for p in (args.prompt or [""])]
     for name, ok in (
         ("--max-new-tokens", args.max_new_tokens >= 0),
         ("--num-samples", args.num_samples >= 1),
         ("--temperature", args.temperature >= 0),
         ("--top-k", args.top_k is None or args.top_k >= 1),
         ("--top-p", args.top_p is None or 0 < args.top_p <= 1),
+        ("--stop", all(args.stop)),
     ):
         if not ok:
             raise LadderError(f"{name} is out of range")
-    if args.stream and args.num_samples != 1:
-        raise LadderError("--stream prints one sample; use --num-samples 1")
+    if args.stream and len(prompts) * args.num_samples != 1:
+        raise LadderError("--stream prints one sample; give one --prompt and --num-samples 1")
     model, _, tokenizer = checkpoint.load(args.ckpt, _device(args.device), args.set)
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    rows = [p for p in prompts for _ in range(args.num_samples)]
     on_token = None
-    if args.stream:
-        emitted: list[int] = []
+    if args.stream or args.stop:  # needs each row's text as it grows: one host sync per token
+        emitted: list[list[int]] = [[] for _ in rows]
         shown = [0]
-        sys.stdout.write(prompt)
+        if args.stream:
+            sys.stdout.write(rows[0])
 
-        def on_token(token: torch.Tensor) -> None:
-            emitted.append(int(token[0]))
-            text = tokenizer.decode(emitted)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        finished = [False] * len(rows)
+
+        def on_token(token: torch.Tensor) -> torch.Tensor:
+            for r, t in enumerate(token.tolist()):
+                if finished[r] or t == tokenizer.eot_id:
+                    finished[r] = True
+                    continue
+                emitted[r].append(t)
+                finished[r] = cut_at_stop(tokenizer.decode(emitted[r]), args.stop)[1]
+            text = cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0]
+            if args.stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 sys.stdout.write(text[shown[0] :])
                 sys.stdout.flush()
                 shown[0] = len(text)
+            return torch.tensor(finished, device=token.device)
 
     out = generate(
         model,
@@ -107,10 +124,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.stream:
         print()
         return
-    for i, row in enumerate(out.tolist()):
+    for i, (prompt, ids) in enumerate(zip(rows, out)):
         if i:
             print("\n---")
-        print(prompt + tokenizer.decode(row))
+        print(prompt + cut_at_stop(tokenizer.decode(ids), args.stop)[0])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -138,6 +155,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     result = run_bench(args.preset, args.set, args.repeats)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from .explain import explain
+
+    if not 1 <= args.n_step <= 64 or not 0 <= args.new_tokens <= 64:
+        raise LadderError("--n-step must be in [1, 64] and --new-tokens in [0, 64]")
+    print(explain(args.n_step, _prompt_text(args.prompt), args.new_tokens))
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -177,7 +202,8 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a run dir or its ckpt/ dir")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append", help="repeat for several prompts, sampled as one batch")
+    p.add_argument("--stop", action="append", default=[], help="a string that ends a sample (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int)
@@ -199,12 +225,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="speed: matmul peak, training tokens/s, cached vs recomputed decoding")
-    p.add_argument("--preset", default="shakespeare-char-cpu")
+    p = sub.add_parser("bench", help="speed of the ladder against the GPT: prefill, decoding, training")
+    p.add_argument("--preset", default="bench")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("explain", help="print the ladder's slot diagram for a prompt, phase by phase")
+    p.add_argument("--n-step", type=int, default=4, help="rungs S")
+    p.add_argument("--prompt", default="ABC", help="each character is one token")
+    p.add_argument("--new-tokens", type=int, default=2, help="phase iii steps to draw")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("plot", help="plot loss curves of runs")
     p.add_argument("runs", nargs="+")

@@ -58,9 +58,9 @@ def free_running_nll(model: LadderLM, rows: Tensor, lengths: Tensor, eot_id: int
         nll.add_(F.cross_entropy(logits.float(), rows[:, i], reduction="none") * (i < lengths))
         return rows[:, i]
 
-    prompt = torch.full((rows.shape[0], 1), eot_id, dtype=torch.long, device=device)
+    prompts = torch.full((rows.shape[0], 1), eot_id, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    decode(model, prompt, rows.shape[1], pick, generator=generator)
+    decode(model, prompts, rows.shape[1], pick, generator=generator)
     return nll.sum().item()
 
 

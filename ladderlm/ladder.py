@@ -16,15 +16,18 @@ def slot_tokens(positions: Tensor, n_step: int) -> Tensor:
     return positions[:, None] - torch.arange(n_step, device=positions.device)
 
 
-def slot_masks(positions: Tensor, n_known: int, n_step: int) -> tuple[Tensor, Tensor]:
-    """(P, S) masks over tokens 0..n_known-1 being known.
+def slot_masks(positions: Tensor, n_known: int, n_step: int, first: Tensor | int = 0) -> tuple[Tensor, Tensor]:
+    """Masks over the slots at `positions` when tokens first..n_known-1 are known.
 
-    real:  the slot holds a known token (the training mask: 0 <= p - s < n_known);
-    given: the slot is an input, a known token or a left pad (the generation mask: p - s < n_known).
-    The other slots (~given) hold tokens not emitted yet: the sampler fills them from the model's outputs.
+    real:  (P, S) the slot holds a known token (the training mask: first <= p - s < n_known);
+           (B, P, S) when `first` is a per-row (B,) tensor, as for left-padded rows.
+    given: (P, S) the slot is an input, a known token or a left pad (the generation mask:
+           p - s < n_known). The other slots hold tokens not emitted yet: the sampler fills
+           them from the model's outputs.
     """
     j = slot_tokens(positions, n_step)
-    return (j >= 0) & (j < n_known), j < n_known
+    first = first[:, None, None] if isinstance(first, Tensor) else first
+    return (j >= first) & (j < n_known), j < n_known
 
 
 def tilt(x: Tensor) -> Tensor:

@@ -62,8 +62,9 @@ class LadderLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def empty_state(self, batch_size: int, device: torch.device | str | None = None):
-        return self.backbone.empty_state(batch_size, device or self.wte.weight.device, self.wte.weight.dtype)
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None, pad: Tensor | None = None):
+        """The backbone's empty state; `pad` (B,) left-pad slots per row for prompts of different lengths."""
+        return self.backbone.empty_state(batch_size, device or self.wte.weight.device, self.wte.weight.dtype, pad)
 
     def noise(
         self, kind: str, emb: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None
@@ -92,14 +93,15 @@ class LadderLM(nn.Module):
         noise: str,
         generator: torch.Generator | None = None,
         draws: Tensor | None = None,
+        first: Tensor | int = 0,
     ) -> tuple[Tensor, Tensor]:
-        """Normalised slot inputs at `positions` over known tokens (B, n).
+        """Normalised slot inputs at `positions` over known tokens (B, n), row r's starting at first[r].
 
         Returns x (B, P, S, E) and the (P, S) `given` mask; the other slots hold tokens not
         emitted yet (pads here; the sampler replaces them with the model's own outputs).
         """
         n = tokens.shape[1]
-        real, given = ladder.slot_masks(positions, n, self.n_step)
+        real, given = ladder.slot_masks(positions, n, self.n_step, first)
         emb = self.wte(tokens[:, ladder.slot_tokens(positions, self.n_step).clamp(0, n - 1)])  # (B, P, S, E)
         raw = self.sqrt_alpha * emb
         eps = self.noise(noise, emb, generator, draws)

@@ -9,7 +9,7 @@ known tokens become a new prompt and the state is rebuilt from them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -24,70 +24,94 @@ def context_keep(block_size: int) -> int:
     return block_size // 2
 
 
+def left_pad(rows: Sequence[Tensor], fill: int) -> tuple[Tensor, Tensor]:
+    """Right-align 1-D token rows into (N, w) with `fill` before them; returns it and the pads (N,)."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, width - len(r) :] = r
+    return out, torch.tensor([width - len(r) for r in rows], device=rows[0].device)
+
+
 @torch.inference_mode()
 def decode(
     model: LadderLM,
-    prompt: Tensor,
+    prompts: Sequence[Tensor],
     n_new: int,
     pick: Pick,
     parallel_prefill: bool = True,
     generator: torch.Generator | None = None,
+    eot_id: int | None = None,
 ) -> Tensor:
-    """Emit n_new tokens after prompt (N, t) (start token first), choosing each with `pick`.
+    """Emit up to n_new tokens after each prompt (1-D, start token first), choosing them with `pick`.
 
-    Known tokens enter their slots noised as `model.prompt_noise` says; slots of tokens not
-    emitted yet take `model.fill` of the previous outputs. parallel_prefill=False computes the
-    prompt positions one at a time: the reference path. `generator` drives the sampling noise.
+    Prompts of different lengths are left-padded so that every row goes through the phases in
+    step: phase i, one parallel pass over the prompt positions (known tokens and pads only);
+    phase ii, S - 1 single steps mixing prompt slots with the model's outputs; phase iii, one
+    token per step. Known tokens enter their slots noised as `model.prompt_noise` says; slots of
+    tokens not emitted yet take `model.fill` of the previous outputs. parallel_prefill=False
+    computes the prompt positions one at a time: the reference path. With `eot_id`, a row that
+    emits it is finished (it emits eot_id from then on) and decoding stops once all are.
+    Returns (N, n_emitted) tokens.
     """
-    N, S, block = prompt.shape[0], model.n_step, model.cfg.block_size
-    device = prompt.device
-    ctx = torch.empty(N, block + 1, dtype=torch.long, device=device)  # known tokens of the window
+    N, S, block = len(prompts), model.n_step, model.cfg.block_size
+    device = prompts[0].device
+    ctx = torch.empty(N, block + 1, dtype=torch.long, device=device)  # known tokens, rows right-aligned
     out = torch.empty(N, n_new, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    draws, pad = torch.empty(0), torch.empty(0)
 
-    draws = torch.empty(0)
-
-    def step(p: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
-        at = torch.arange(p, p + 1, device=device)
-        x, given = model.embed_slots(ctx[:, :n_known], at, model.prompt_noise, draws=draws[:, p : p + 1])
-        x = torch.where(given[..., None], x, model.fill(y_last, draws[:, p])[:, None])  # (N, 1, S, E)
+    def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
+        at = torch.arange(c, c + 1, device=device)
+        x, given = model.embed_slots(ctx[:, :n_known], at, model.prompt_noise, draws=draws[:, c : c + 1], first=pad)
+        x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
         y, state = model.run(x, state)
         return y[:, -1], state
 
-    def restart(window: Tensor) -> tuple[int, Tensor, object]:
-        nonlocal draws
+    def restart(rows: Sequence[Tensor]) -> tuple[int, Tensor, object]:
+        nonlocal draws, pad
+        window, pad = left_pad(rows, fill=0)
         # One Gaussian per noisy slot of the window, drawn up front: a slot gets the same noise
         # whether its position is computed in the parallel prefill or in a single step.
         draws = torch.randn(N, model.n_positions, S - 1, model.rung_dim, generator=generator, device=device)
-        t = window.shape[1]
-        ctx[:, :t] = window
-        state = model.empty_state(N, device)
+        w = window.shape[1]
+        ctx[:, :w] = window
+        state = model.empty_state(N, device, pad)
         if parallel_prefill:
-            x, _ = model.embed_slots(window, torch.arange(t, device=device), model.prompt_noise, draws=draws[:, :t])
+            x, _ = model.embed_slots(window, torch.arange(w, device=device), model.prompt_noise, draws=draws[:, :w], first=pad)
             y, state = model.run(x, state)
-            return t, y[:, -1], state
+            return w, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # never read: prompt slots are all known
-        for p in range(t):
-            y_last, state = step(p, t, y_last, state)
-        return t, y_last, state
+        for c in range(w):
+            y_last, state = step(c, w, y_last, state)
+        return w, y_last, state
 
-    n_known, y_last, state = restart(torch.cat([prompt[:, :1], prompt[:, 1:][:, max(0, prompt.shape[1] - block) :]], 1))
-    p = n_known  # next position to compute
+    # The window holds the start token and at most block_size - 1 tokens after it.
+    n_known, y_last, state = restart([torch.cat([p[:1], p[1:][max(0, len(p) - block) :]]) for p in prompts])
+    c = n_known  # next cache slot to compute; the longest row's position
     emitted = 0
     while emitted < n_new:
-        if p - S + 1 >= n_known:  # the clean rung at p needs a token nobody has: emit it
+        if c - S + 1 >= n_known:  # the clean rung at c needs a token nobody has: emit it
             token = pick(model.clean_logits(y_last), emitted)
+            if eot_id is not None:
+                token = token.masked_fill(done, eot_id)
+                done |= token == eot_id
             ctx[:, n_known] = token
             out[:, emitted] = token
             n_known += 1
             emitted += 1
-        elif p == model.n_positions:
+            if eot_id is not None and emitted % 16 == 0 and bool(done.all()):  # one sync per 16 tokens
+                break
+        elif c == model.n_positions:  # slide: each row keeps its start token and its last known tokens
             keep = context_keep(block)
-            n_known, y_last, state = restart(torch.cat([ctx[:, :1], ctx[:, n_known - keep : n_known]], 1))
-            p = n_known
+            firsts = pad.tolist()  # where each row's start token sits; one sync per slide
+            rows = [torch.cat([ctx[r, f : f + 1], ctx[r, max(f + 1, n_known - keep) : n_known]]) for r, f in enumerate(firsts)]
+            n_known, y_last, state = restart(rows)
+            c = n_known
         else:
-            y_last, state = step(p, n_known, y_last, state)
-            p += 1
-    return out
+            y_last, state = step(c, n_known, y_last, state)
+            c += 1
+    return out[:, :emitted]
 
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
@@ -116,7 +140,7 @@ def sampler(temperature: float, top_k: int | None, top_p: float | None, generato
 
 def generate(
     model: LadderLM,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     eot_id: int,
     max_new_tokens: int,
     num_samples: int = 1,
@@ -124,19 +148,24 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
-    on_token: Callable[[Tensor], None] | None = None,
-) -> Tensor:
-    """Sample num_samples continuations of one prompt; returns (num_samples, max_new_tokens)."""
+    on_token: Callable[[Tensor], Tensor | None] | None = None,
+) -> list[list[int]]:
+    """num_samples continuations of each prompt (token ids, no start token), in one batch.
+
+    A row stops at <|endoftext|> (not included). `on_token` sees each step's tokens (N,) and may
+    return an (N,) bool tensor of rows to stop now (e.g. on a stop string).
+    """
     device = model.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    prompt = torch.tensor([eot_id, *prompt_ids], dtype=torch.long, device=device).expand(num_samples, -1)
+    rows = [torch.tensor([eot_id, *p], dtype=torch.long, device=device) for p in prompts for _ in range(num_samples)]
     pick = sampler(temperature, top_k, top_p, generator)
     if on_token is not None:
         plain_pick = pick
 
         def pick(logits: Tensor, index: int) -> Tensor:
             token = plain_pick(logits, index)
-            on_token(token)
-            return token
+            stop = on_token(token)
+            return token if stop is None else token.masked_fill(stop, eot_id)
 
-    return decode(model, prompt, max_new_tokens, pick, generator=generator)
+    out = decode(model, rows, max_new_tokens, pick, generator=generator, eot_id=eot_id)
+    return [row[: row.index(eot_id)] if eot_id in row else row for row in out.tolist()]

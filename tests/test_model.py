@@ -29,7 +29,7 @@ def test_state_is_returned_not_kept():
     x, _ = model.embed_slots(torch.randint(11, (1, 4)), torch.arange(4), "zero")
     empty = model.empty_state(1)
     _, state = model.run(x, empty)
-    assert empty[0][0].shape[2] == 0 and state[0][0].shape[2] == 4
+    assert empty.length == 0 and state.length == 4
     y1, _ = model.run(x[:, :1], empty)
     y2, _ = model.run(x[:, :1], empty)
     assert torch.equal(y1, y2)

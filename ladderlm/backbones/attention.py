@@ -1,12 +1,15 @@
 """Pre-LayerNorm causal transformer with learned positions and an explicit KV cache.
 
-State: one (keys, values) pair per layer, each (B, H, T_cached, D). The empty state has
-T_cached = 0, so a parallel pass over a block and a one-position decoding step are the same call.
+State: per layer a key/value buffer, the cached length, and per row the number of left-pad
+slots. The empty state has length 0, so a parallel pass over a block and a one-position decoding
+step are the same call. Left padding lets rows of different lengths share one cache: row r's
+slot c sits at position c - pad[r], and its pad slots are never attended to.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,35 +18,76 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import LadderError
 
-KVState = tuple[tuple[Tensor, Tensor], ...]
+
+def dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()  # no dropout call per layer when it is off
+
+
+class KVBuffer:
+    """Keys and values (B, H, capacity, D) of one layer, shared by states that extend one another.
+
+    A state of length L reads entries [:L] only. Extending writes [L:L+T] in place when L is the
+    buffer's written length, so decoding copies nothing; extending an older state again (a
+    branch) copies its prefix into a fresh buffer, so no state ever sees another's tokens.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, written: int):
+        self.keys, self.values, self.written = keys, values, written
+
+    def extend(self, past: int, k: Tensor, v: Tensor, capacity: int) -> KVBuffer:
+        T = k.shape[2]
+        buf = self
+        if past == 0:  # a fresh pass: its own keys are the buffer, no copy
+            return KVBuffer(k, v, T)
+        if buf.written != past or buf.keys.shape[2] < past + T:
+            B, H, _, D = k.shape
+            size = max(capacity, past + T)
+            keys, values = k.new_empty(B, H, size, D), v.new_empty(B, H, size, D)
+            keys.narrow(2, 0, past).copy_(buf.keys.narrow(2, 0, past))
+            values.narrow(2, 0, past).copy_(buf.values.narrow(2, 0, past))
+            buf = KVBuffer(keys, values, past)
+        buf.keys.narrow(2, past, T).copy_(k)
+        buf.values.narrow(2, past, T).copy_(v)
+        buf.written = past + T
+        return buf
+
+
+class KVState(NamedTuple):
+    layers: tuple[KVBuffer, ...]
+    length: int  # cached positions
+    pad: Tensor  # (B,) left-pad slots per row; at least one row has none
+    ragged: bool  # whether any row is padded: positions and key masks are then per row
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, capacity: int):
         super().__init__()
         self.n_head = cfg.n_head
+        self.capacity = capacity
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, cache: KVBuffer, past: int, key_mask: Tensor | None) -> tuple[Tensor, KVBuffer]:
+        """key_mask (B, 1, T, past + T): which keys each query may see, for left-padded rows."""
         B, T, C = x.shape
         q, k, v = (
             z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in self.qkv(x).split(C, dim=2)
         )  # (B, H, T, D)
-        past = cache[0].shape[2]
-        if past:  # skip copying onto an empty cache: a training pass would pay for it every step
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+        cache = cache.extend(past, k, v, self.capacity)
+        k, v = cache.keys.narrow(2, 0, past + T), cache.values.narrow(2, 0, past + T)
         # New queries sit at positions past..past+T-1: with no past this is the ordinary causal mask;
         # one new query sees everything; otherwise the mask is offset by `past`.
-        mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        if key_mask is None:
+            mask = None if past == 0 or T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        else:
+            mask = key_mask
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, dropout_p=self.dropout if self.training else 0.0
         )
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y)), (k, v)
+        return self.resid_dropout(self.proj(y)), cache
 
 
 class MLP(nn.Module):
@@ -51,22 +95,22 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, capacity: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, capacity)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, cache = self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: KVBuffer, past: int, key_mask: Tensor | None) -> tuple[Tensor, KVBuffer]:
+        a, cache = self.attn(self.ln_1(x), cache, past, key_mask)
         x = x + a
         return x + self.mlp(self.ln_2(x)), cache
 
@@ -79,8 +123,8 @@ class AttentionBackbone(nn.Module):
         self.n_positions = n_positions
         self.n_head = cfg.n_head
         self.wpe = nn.Embedding(n_positions, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.drop = dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, n_positions) for _ in range(cfg.n_layer))
         for name, p in self.named_parameters():
             if p.dim() == 2:  # GPT-2 init; residual projections scaled down by depth
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 0.02
@@ -88,18 +132,33 @@ class AttentionBackbone(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def empty_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> KVState:
+    def empty_state(
+        self, batch_size: int, device: torch.device | str, dtype: torch.dtype = torch.float32, pad: Tensor | None = None
+    ) -> KVState:
+        """A cache of length zero; `pad` (B,) left-pad slots per row (default none), one row with none."""
         C = self.wpe.embedding_dim
         empty = torch.zeros(batch_size, self.n_head, 0, C // self.n_head, device=device, dtype=dtype)
-        return tuple((empty, empty) for _ in self.blocks)
+        ragged = pad is not None and bool(pad.any())
+        pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        return KVState(tuple(KVBuffer(empty, empty, 0) for _ in self.blocks), 0, pad, ragged)
 
     def forward(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:
-        past, T = state[0][0].shape[2], x.shape[1]
+        past, T = state.length, x.shape[1]
         if past + T > self.n_positions:
             raise LadderError(f"positions {past}..{past + T - 1} run past the position table ({self.n_positions})")
-        x = self.drop(x + self.wpe.weight[past : past + T])
-        new_state = []
-        for block, cache in zip(self.blocks, state):
-            x, cache = block(x, cache)
-            new_state.append(cache)
-        return x, tuple(new_state)
+        key_mask = None
+        if state.ragged:
+            slots = torch.arange(past, past + T, device=x.device)
+            pos = (slots[None] - state.pad[:, None]).clamp(min=0)  # (B, T); pad slots reuse position 0
+            keys = torch.arange(past + T, device=x.device)
+            # causal, never a pad key; a pad query sees itself so that no softmax row is empty
+            key_mask = (keys <= slots[:, None]) & ((keys >= state.pad[:, None, None]) | (keys == slots[:, None]))
+            key_mask = key_mask[:, None]  # (B, 1, T, past + T)
+            x = self.drop(x + self.wpe(pos))
+        else:
+            x = self.drop(x + self.wpe.weight.narrow(0, past, T))
+        layers = []
+        for block, cache in zip(self.blocks, state.layers):
+            x, cache = block(x, cache, past, key_mask)
+            layers.append(cache)
+        return x, KVState(tuple(layers), past + T, state.pad, state.ragged)

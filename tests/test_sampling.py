@@ -1,0 +1,104 @@
+"""The three-phase sampler against the position-by-position reference, batches, stops, explain."""
+
+import pytest
+import torch
+
+from ladderlm.cli import main
+from ladderlm.explain import explain
+from ladderlm.sampling import decode, generate, left_pad
+
+from .conftest import tiny_model
+
+EOT = 19
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.tensor([EOT]), torch.randint(EOT, (n,), generator=g)]) for n in lengths]
+
+
+def run(model, prompts, n_new, parallel, temperature=1.0, seed=0):
+    """Tokens and the clean-rung logits of every emitted token, sampling with a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+
+    def pick(logits, _i):
+        seen.append(logits)
+        if temperature == 0:
+            return logits.argmax(-1)
+        return torch.multinomial((logits / temperature).softmax(-1), 1, generator=g)[:, 0]
+
+    out = decode(model, prompts, n_new, pick, parallel_prefill=parallel, generator=torch.Generator().manual_seed(1))
+    return out, torch.stack(seen, 1)
+
+
+@pytest.mark.parametrize("n_step", [1, 2, 4])
+@pytest.mark.parametrize("lengths", [[0], [1], ["S-1"], ["S"], [100], [0, 1, "S-1", "S", 7, 100]])
+def test_phased_equals_naive(n_step, lengths):
+    model = tiny_model(n_step=n_step, vocab_size=EOT + 1, block_size=120)
+    lengths = [{"S": n_step, "S-1": n_step - 1}.get(n, n) for n in lengths]
+    prompts = prompts_of(lengths)
+    phased, phased_logits = run(model, prompts, 40, parallel=True)  # 100 + 40 tokens pass the window
+    naive, naive_logits = run(model, prompts, 40, parallel=False)
+    assert torch.equal(phased, naive)
+    assert (phased_logits - naive_logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_a_row_in_a_batch_decodes_as_it_would_alone(n_step):
+    """Left padding is exact: each row of a mixed batch matches its own unbatched run.
+
+    (Until the window slides: in a batch all rows slide when the longest one fills it.)"""
+    model = tiny_model(n_step=n_step, vocab_size=EOT + 1, block_size=24, prompt_noise="zero")
+    prompts = prompts_of([0, 3, 11])
+    batch, batch_logits = run(model, prompts, 12, parallel=True, temperature=0)
+    for r, prompt in enumerate(prompts):
+        alone, alone_logits = run(model, [prompt], 12, parallel=True, temperature=0)
+        assert torch.equal(batch[r], alone[0])
+        assert (batch_logits[r] - alone_logits[0]).abs().max() < 1e-5
+
+
+def test_left_pad():
+    padded, pad = left_pad([torch.tensor([1, 2, 3]), torch.tensor([4])], fill=0)
+    assert padded.tolist() == [[1, 2, 3], [0, 0, 4]] and pad.tolist() == [0, 2]
+
+
+def test_rows_finish_at_the_end_of_text_token():
+    model = tiny_model(n_step=2, vocab_size=EOT + 1, block_size=16)
+    scripted = torch.tensor([[1, 2, EOT, 5, 6, 7], [3, EOT, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13]])
+
+    def pick(logits, i):
+        return scripted[:, i]
+
+    out = decode(model, prompts_of([2, 2, 2]), 6, pick, eot_id=EOT)
+    assert out.tolist() == [[1, 2, EOT, EOT, EOT, EOT], [3, EOT, EOT, EOT, EOT, EOT], scripted[2].tolist()]
+    rows = generate(model, [[1, 2], [3]], EOT, 40, num_samples=2, seed=3)
+    assert len(rows) == 4 and all(EOT not in r and len(r) <= 40 for r in rows)
+
+
+def test_all_rows_finished_stops_early():
+    model = tiny_model(n_step=1, vocab_size=EOT + 1)
+    out = decode(model, prompts_of([1, 4]), 1000, lambda logits, i: torch.full((2,), EOT), eot_id=EOT)
+    assert out.shape == (2, 16)  # checked every 16 tokens
+
+
+def test_explain_uses_the_sampler_masks():
+    text = explain(4, "ABC")
+    assert "rung 0    ^  A  B  C" in text  # phase i: rung 0 holds the newest token of each position
+    assert "rung 3    .  .  .  ^" in text  # the clean rung lags S-1 positions behind
+    step1 = text.split("Step 1, position p4")[1].split("Step 2")[0]
+    assert "rung 3: A  <- input (prompt)" in step1 and "rung 0: #1 <- new" in step1
+    assert "Emit #1 from the clean rung of p6; position p7" in text
+    assert "rung 3: #1 <- input (generated token)" in text
+    assert "Phase ii, iterative prefill: 0 single step(s)" in explain(1, "")
+
+
+def test_sample_cli_batches_prompts_and_stop_strings(run_dir, capsys):
+    argv = ["sample", "--ckpt", str(run_dir), "--max-new-tokens", "60", "--seed", "1"]
+    assert main([*argv, "--prompt", "The cat", "--prompt", "a", "--num-samples", "2"]) == 0
+    samples = capsys.readouterr().out.split("\n---\n")
+    assert len(samples) == 4 and samples[0].startswith("The cat") and samples[2].startswith("a")
+    assert main([*argv, "--prompt", "The", "--stop", "e"]) == 0
+    assert "e" not in capsys.readouterr().out[len("The") :]
+    assert main(["explain", "--n-step", "3", "--prompt", "hi"]) == 0
+    assert "Phase iii" in capsys.readouterr().out
