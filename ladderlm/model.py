@@ -74,7 +74,7 @@ class LadderLM(nn.Module):
         `draws` (B, P, S-1, E) fixes the Gaussians of the noisy rungs, so that the sampler gives
         every slot the same noise however the positions are batched; "window" always draws anew.
         """
-        if kind == "zero":
+        if kind == "zero" or self.n_step == 1:  # only rungs below the clean one are noised
             return None
         B, P, S, E = emb.shape
         scale = self.wte.weight.detach().std(0)  # the embeddings' per-feature scale; noise carries no gradient
@@ -103,11 +103,12 @@ class LadderLM(nn.Module):
         n = tokens.shape[1]
         real, given = ladder.slot_masks(positions, n, self.n_step, first)
         emb = self.wte(tokens[:, ladder.slot_tokens(positions, self.n_step).clamp(0, n - 1)])  # (B, P, S, E)
-        raw = self.sqrt_alpha * emb
+        keep = real[..., None].to(emb.dtype)  # (P, S, 1), or (B, P, S, 1) per row: zero on pads
+        raw = emb * (self.sqrt_alpha * keep)
         eps = self.noise(noise, emb, generator, draws)
         if eps is not None:
-            raw = raw + self.sqrt_one_minus_alpha * eps
-        return self.in_norm(raw * real[..., None]), given
+            raw = raw + eps * (self.sqrt_one_minus_alpha * keep)
+        return self.in_norm(raw), given
 
     @property
     def prompt_noise(self) -> str:
@@ -127,8 +128,11 @@ class LadderLM(nn.Module):
             return self.in_norm(y)
         clean = self.lm_head(y).softmax(-1) @ self.wte.weight  # (N, S, E)
         kind = "orthogonal" if self.cfg.noise == "orthogonal" else "independent"
-        eps = self.noise(kind, clean[:, None], draws=None if draws is None else draws[:, None])[:, 0]
-        return self.in_norm(self.sqrt_alpha * clean + self.sqrt_one_minus_alpha * eps)
+        raw = self.sqrt_alpha * clean
+        eps = self.noise(kind, clean[:, None], draws=None if draws is None else draws[:, None])
+        if eps is not None:
+            raw = raw + self.sqrt_one_minus_alpha * eps[:, 0]
+        return self.in_norm(raw)
 
     def run(self, x: Tensor, state):
         """Backbone over ladder inputs (B, P, S, E) -> outputs (B, P, S, E) and the new state."""

@@ -59,8 +59,11 @@ def ladder_loss(
 ) -> Tensor:
     """Weighted mean cross-entropy over real slots + latent_loss_scale * relative latent MSE of feed(y)."""
     slot_tgt, real = slot_targets(targets, cfg.n_step)
-    w = rung_weights(cfg, alpha) * real  # (L, S)
-    loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / (w.sum() * targets.shape[0])
+    if cfg.ce_rungs == "all" and cfg.ce_weighting == "uniform":  # the plain mean, fused
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), slot_tgt.flatten(), ignore_index=-100)
+    else:
+        w = rung_weights(cfg, alpha) * real  # (L, S)
+        loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / (w.sum() * targets.shape[0])
     if cfg.latent_loss_scale > 0:
         err, ref, pairs = latent_errors(feed(y), x, real)
         # Relative to the target's energy: the loss does not depend on the input norm's scale.
