@@ -24,6 +24,8 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if (path / "ckpt").is_dir():
         path = path / "ckpt"
+    elif (path / "ckpt.old").is_dir():  # a crash between the two renames of `save`
+        path = path / "ckpt.old"
     if not path.is_dir():
         raise LadderError(f"checkpoint dir {path} does not exist")
     missing = [f for f in CKPT_FILES if not (path / f).is_file()]
@@ -32,23 +34,44 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(path: Path) -> None:
+    """Undo a crash inside `save`: the previous checkpoint is back at `path`, no temp dir is left."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        old.rename(path)
+    shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save(path: Path, model: LadderLM, cfg: Config, tokenizer: Tokenizer, trainer_state: dict[str, Any]) -> None:
-    """Write to a sibling temp dir, fsync, then swap it in: a crash never leaves a half checkpoint."""
+    """Write a sibling temp dir, fsync it, then swap it in; the previous checkpoint stays until then.
+
+    A crash at any moment leaves either `path` or `path.old` complete (see `recover`).
+    """
+    recover(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     save_json(cfg, tmp / "config.json")
     tokenizer.save(tmp / "tokenizer.json")
     torch.save(trainer_state, tmp / "trainer.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    for f in [*tmp.iterdir(), tmp]:
+        _fsync(f)
+    had_previous = path.exists()
+    if had_previous:
         path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync(path.parent)
+    if had_previous:
+        shutil.rmtree(old)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()) -> tuple[LadderLM, Config, Tokenizer]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import LadderError
+from .errors import LadderError, TrainingInterrupted
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.preset or args.config:
             raise LadderError("--resume continues the run's own config; use --set to change keys")
         ckpt = Run(Path(args.out)).ckpt
+        checkpoint.recover(ckpt)
         if not ckpt.is_dir():
             raise LadderError(f"nothing to resume: {ckpt} does not exist")
         _, cfg, _ = checkpoint.load(ckpt)
@@ -85,6 +86,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise LadderError("--stream prints one sample; give one --prompt and --num-samples 1")
     model, _, tokenizer = checkpoint.load(args.ckpt, _device(args.device), args.set)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
+    window = model.cfg.block_size - 1  # tokens after the start token
+    if args.no_slide and max(map(len, prompt_ids)) > window:
+        raise LadderError(f"a prompt has {max(map(len, prompt_ids))} tokens but the window holds {window}; drop --no-slide")
     rows = [p for p in prompts for _ in range(args.num_samples)]
     on_token = None
     if args.stream or args.stop:  # needs each row's text as it grows: one host sync per token
@@ -120,6 +124,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.top_p,
         args.seed,
         on_token,
+        slide=not args.no_slide,
     )
     if args.stream:
         print()
@@ -211,6 +216,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--no-slide", action="store_true", help="stop at the end of the context window instead of sliding it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SAMPLING_HELP)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)
@@ -252,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except LadderError as e:
         print(f"ladderlm: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"ladderlm: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("ladderlm: interrupted", file=sys.stderr)
         return 130

@@ -55,6 +55,7 @@ class TrainConfig:
     checkpoint_interval: int = 500
     seed: int = 1337
     device: str = "auto"
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient to skip before stopping
 
 
 @dataclass
@@ -219,7 +220,7 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 <= t.min_lr <= t.learning_rate:
         raise LadderError(f"need 0 <= train.min_lr <= train.learning_rate, got {t.min_lr} and {t.learning_rate}")
-    for key in ("warmup_iters", "lr_decay_iters", "seed"):
+    for key in ("warmup_iters", "lr_decay_iters", "seed", "skip_nonfinite"):
         if getattr(t, key) < 0:
             raise LadderError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if t.grad_clip < 0 or t.weight_decay < 0:

@@ -3,3 +3,7 @@
 
 class LadderError(Exception):
     """A user-facing error: bad input, missing files, impossible configuration."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after writing a final checkpoint."""

@@ -42,6 +42,7 @@ def decode(
     parallel_prefill: bool = True,
     generator: torch.Generator | None = None,
     eot_id: int | None = None,
+    slide: bool = True,
 ) -> Tensor:
     """Emit up to n_new tokens after each prompt (1-D, start token first), choosing them with `pick`.
 
@@ -52,6 +53,7 @@ def decode(
     tokens not emitted yet take `model.fill` of the previous outputs. parallel_prefill=False
     computes the prompt positions one at a time: the reference path. With `eot_id`, a row that
     emits it is finished (it emits eot_id from then on) and decoding stops once all are.
+    With slide=False decoding stops when the window is full instead of sliding it.
     Returns (N, n_emitted) tokens.
     """
     N, S, block = len(prompts), model.n_step, model.cfg.block_size
@@ -103,6 +105,8 @@ def decode(
             if eot_id is not None and emitted % 16 == 0 and bool(done.all()):  # one sync per 16 tokens
                 break
         elif c == model.n_positions:  # slide: each row keeps its start token and its last known tokens
+            if not slide:
+                break
             keep = context_keep(block)
             firsts = pad.tolist()  # where each row's start token sits; one sync per slide
             rows = [torch.cat([ctx[r, f : f + 1], ctx[r, max(f + 1, n_known - keep) : n_known]]) for r, f in enumerate(firsts)]
@@ -149,6 +153,7 @@ def generate(
     top_p: float | None = None,
     seed: int = 0,
     on_token: Callable[[Tensor], Tensor | None] | None = None,
+    slide: bool = True,
 ) -> list[list[int]]:
     """num_samples continuations of each prompt (token ids, no start token), in one batch.
 
@@ -167,5 +172,5 @@ def generate(
             stop = on_token(token)
             return token if stop is None else token.masked_fill(stop, eot_id)
 
-    out = decode(model, rows, max_new_tokens, pick, generator=generator, eot_id=eot_id)
+    out = decode(model, rows, max_new_tokens, pick, generator=generator, eot_id=eot_id, slide=slide)
     return [row[: row.index(eot_id)] if eot_id in row else row for row in out.tolist()]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import checkpoint
 from .config import Config, save_json
 from .data import TokenData
-from .errors import LadderError
+from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM
 
 
@@ -70,6 +74,46 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, device: torch.d
     return out
 
 
+def rng_states() -> dict:
+    """Python, numpy and torch RNG states, in types a weights-only torch.load reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python_rng": random.getstate(),
+        "numpy_rng": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch_rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+    }
+
+
+def set_rng_states(state: dict) -> None:
+    random.setstate(state["python_rng"])
+    name, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+class StopSignals:
+    """Turns SIGINT and SIGTERM into a request to stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, _frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class Run:
     """Where a run writes: the out dir and its files."""
@@ -89,10 +133,15 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop records past `step` (written after the checkpoint a resume starts from)."""
+        """Drop records past `step` (written after the checkpoint a resume starts from), and a torn last line."""
         if self.metrics.exists():
-            keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.metrics.write_text("".join(line + "\n" for line in keep))
+            records = []
+            for line in self.metrics.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a crash in the middle of a write
+                    continue
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", step + 1) <= step))
 
 
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -101,6 +150,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     run = Run(Path(out_dir))
     device = resolve_device(cfg.train.device)
     if resume:
+        checkpoint.recover(run.ckpt)  # a crash inside a checkpoint write
         state = checkpoint.load_trainer_state(run.ckpt)
         trained_on = (state["data_sha256"], state["tokenizer"], cfg.model.vocab_size)
         if trained_on != (data.meta["sha256"], data.tokenizer.kind, data.meta["vocab_size"]):
@@ -119,7 +169,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
         model.load_state_dict(resumed.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_states(state)
         data_gen.set_state(state["data_rng"])
         run.truncate_metrics(step)
     else:
@@ -132,7 +182,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
         trainer_state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_states(),
             "data_rng": data_gen.get_state(),
             "data_sha256": data.meta["sha256"],
             "tokenizer": data.tokenizer.kind,
@@ -148,6 +198,8 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     model.train()
     losses: dict[str, float] = {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    skipped = 0
+    signals = StopSignals()
     try:
         while True:
             if step % t.eval_interval == 0 or step == t.max_iters:
@@ -162,14 +214,28 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for _ in range(t.grad_accum):
                 x, y = data.batch("train", t.batch_size, cfg.model.block_size, data_gen)
                 _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 (loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            checked = torch.stack([loss_sum, grad_norm])
+            if not bool(torch.isfinite(checked).all()):  # one host sync per step guards the weights
+                optimizer.zero_grad(set_to_none=True)
+                what = ", ".join(
+                    f"{name} is {v}" for name, v in zip(("loss", "gradient norm"), checked.tolist()) if not math.isfinite(v)
+                )
+                if skipped >= t.skip_nonfinite:
+                    raise LadderError(
+                        f"step {step + 1}: {what}; training stopped. The last good checkpoint is {run.ckpt}"
+                        + ("" if run.ckpt.exists() else " (none written yet)")
+                        + "; lower train.learning_rate or allow skips with train.skip_nonfinite=N"
+                    )
+                skipped += 1
+                bar.write(f"step {step + 1}: {what}; skipped ({skipped} of train.skip_nonfinite={t.skip_nonfinite})")
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -192,11 +258,12 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
             if step % t.checkpoint_interval == 0 or step == t.max_iters:
                 save_checkpoint()
-    except KeyboardInterrupt:
-        save_checkpoint()
-        bar.write(f"interrupted: checkpoint at step {step} written to {run.ckpt}")
-        raise
+            if signals.received:
+                save_checkpoint()
+                name = signal.Signals(signals.received[0]).name
+                raise TrainingInterrupted(f"{name}: stopped at step {step}; checkpoint in {run.ckpt}; continue with --resume")
     finally:
+        signals.restore()
         bar.close()
         writer.close()
     from .plot import plot_losses

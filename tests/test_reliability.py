@@ -1,0 +1,167 @@
+"""Crashes, signals, bad numbers and hostile inputs: nothing lost, nothing silent, no traceback."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from ladderlm import checkpoint
+from ladderlm.cli import main
+
+from .conftest import TINY
+
+
+def train_argv(data_dir, out, *extra):
+    return [
+        "train",
+        "--preset",
+        "shakespeare-char-cpu",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        *TINY,
+        *extra,
+    ]
+
+
+def spawn(argv):
+    cmd = [sys.executable, "-m", "ladderlm", *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # same threads as here: same floats
+
+
+def wait_for_step(proc, run, step, timeout=60.0):
+    """Poll the run's metrics until a logged step >= `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            if any(json.loads(line).get("step", 0) >= step for line in lines[:-1]):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError("training did not get there in time")
+
+
+def weights(run):
+    return load_file(run / "ckpt" / "model.safetensors")
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
+    common = ["--set", "train.max_iters=150", "--set", "train.checkpoint_interval=7", "--set", "train.eval_interval=1000",
+              "--set", "model.dropout=0.1"]  # fmt: skip
+    assert main(train_argv(data_dir, tmp_path / "full", *common)) == 0
+    proc = spawn(train_argv(data_dir, tmp_path / "crashed", *common))
+    wait_for_step(proc, tmp_path / "crashed", 40)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    argv = ["train", "--data", str(data_dir), "--out", str(tmp_path / "crashed"), "--resume", "--no-progress"]
+    assert main(argv) == 0
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "crashed")
+    assert full.keys() == resumed.keys() and all((full[k] == resumed[k]).all() for k in full)
+    assert not (tmp_path / "crashed" / "ckpt.tmp").exists() and not (tmp_path / "crashed" / "ckpt.old").exists()
+
+
+def test_sigterm_writes_a_loadable_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = spawn(train_argv(data_dir, run, "--set", "train.max_iters=100000", "--set", "train.checkpoint_interval=100000"))
+    wait_for_step(proc, run, 10)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ladderlm: SIGTERM: stopped at step") and "Traceback" not in err.decode()
+    step = int(lines[0].split("stopped at step ")[1].split(";")[0])
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == step >= 10
+    checkpoint.load(run)
+    assert main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress",
+                 "--set", f"train.max_iters={step + 3}"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("skips", [0, 2])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys, skips):
+    run = tmp_path / "run"
+    argv = train_argv(data_dir, run, "--set", "train.max_iters=50", "--set", "train.checkpoint_interval=1",
+                      "--set", "train.warmup_iters=0", "--set", "train.learning_rate=1e30", "--set", "train.min_lr=0",
+                      "--set", f"train.skip_nonfinite={skips}")  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("ladderlm: error: step ") and ("is nan" in err or "is inf" in err)
+    assert "last good checkpoint" in err
+    assert captured.out.count("skipped") == skips
+    good = checkpoint.load_trainer_state(run / "ckpt")["step"]
+    model, _, _ = checkpoint.load(run)
+    assert good >= 1 and all(p.isfinite().all() for p in model.parameters())
+
+
+def test_a_crash_between_the_checkpoint_renames_is_recovered(tmp_path, run_dir, data_dir):
+    run = tmp_path / "run"
+    (run / "ckpt.tmp").mkdir(parents=True)  # half-written next checkpoint
+    (run / "ckpt.tmp" / "model.safetensors").write_bytes(b"partial")
+    for f in run_dir.iterdir():
+        if f.is_file():
+            (run / f.name).write_bytes(f.read_bytes())
+    (run / "ckpt.old").mkdir()  # the previous checkpoint, already renamed away
+    for f in (run_dir / "ckpt").iterdir():
+        (run / "ckpt.old" / f.name).write_bytes(f.read_bytes())
+    checkpoint.load(run)  # readers find it where the crash left it
+    step = checkpoint.load_trainer_state(run / "ckpt.old")["step"]
+    argv = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        "--resume",
+        "--no-progress",
+        "--set",
+        f"train.max_iters={step + 2}",
+    ]
+    assert main(argv) == 0
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == step + 2
+
+
+def test_no_slide_refuses_a_prompt_longer_than_the_window(run_dir, capsys):
+    assert main(["sample", "--ckpt", str(run_dir), "--prompt", "The cat " * 3, "--no-slide"]) == 1
+    assert "window holds 15" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(run_dir), "--prompt", "The", "--no-slide", "--max-new-tokens", "100"]) == 0
+    assert len(capsys.readouterr().out) <= len("The") + 13 + 1  # stops when the 16-token window is full
+
+
+def fuzz_strings(rng: random.Random, n: int) -> list[str]:
+    keys = ["model.n_layer", "train.max_iters", "model.noise", "train.learning_rate", "model.bias", "x", ""]
+    pieces = ["=", ".", "-1", "1e999", "nan", "true", "0x10", " ", "\x00", "é", "🦊", "\udcff", "[model]", "'", '"']
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            out.append(rng.choice(keys) + rng.choice(["=", "", "=="]) + "".join(rng.choices(pieces, k=rng.randint(0, 3))))
+        else:
+            out.append("".join(chr(rng.randint(1, 0x2FFF)) for _ in range(rng.randint(0, 12))))
+    return out
+
+
+def test_fuzzed_set_strings_and_prompts_never_traceback(tmp_path, run_dir, data_dir, capsys):
+    rng = random.Random(0)
+    for text in fuzz_strings(rng, 150):
+        # the trailing invalid key guarantees no training starts whatever the fuzzed one says
+        code = main(["train", "--preset", "demo", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--set", text,
+                     "--set", "train.max_iters=0"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and err.startswith("ladderlm: error:"), (text, err)
+    assert not (tmp_path / "r").exists()
+    for _ in range(60):
+        prompt = bytes(rng.randint(0, 255) for _ in range(rng.randint(0, 20))).decode("utf-8", "surrogateescape")
+        code = main(["sample", "--ckpt", str(run_dir), "--prompt", prompt, "--max-new-tokens", "3"])
+        err = capsys.readouterr().err
+        assert code in (0, 1) and (code == 0 or (err.count("\n") == 1 and err.startswith("ladderlm: error:"))), (prompt, err)
