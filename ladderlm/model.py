@@ -111,11 +111,14 @@ class LadderLM(nn.Module):
         return self.in_norm(raw), given
 
     @property
-    def prompt_noise(self) -> str:
-        """Noise on known tokens at sampling (`model.prompt_noise`), drawn per slot."""
-        if self.cfg.prompt_noise == "zero":
-            return "zero"
+    def sampling_noise(self) -> str:
+        """The noise drawn per slot at sampling time: the training construction, window sums aside."""
         return "orthogonal" if self.cfg.noise == "orthogonal" else "independent"
+
+    @property
+    def prompt_noise(self) -> str:
+        """Noise on known tokens at sampling (`model.prompt_noise`)."""
+        return "zero" if self.cfg.prompt_noise == "zero" else self.sampling_noise
 
     def fill(self, y: Tensor, draws: Tensor | None = None) -> Tensor:
         """Inputs for not-yet-emitted slots from the previous outputs y (N, S, E) (`model.sample_fill`).
@@ -127,9 +130,8 @@ class LadderLM(nn.Module):
         if self.cfg.sample_fill == "raw":
             return self.in_norm(y)
         clean = self.lm_head(y).softmax(-1) @ self.wte.weight  # (N, S, E)
-        kind = "orthogonal" if self.cfg.noise == "orthogonal" else "independent"
         raw = self.sqrt_alpha * clean
-        eps = self.noise(kind, clean[:, None], draws=None if draws is None else draws[:, None])
+        eps = self.noise(self.sampling_noise, clean[:, None], draws=None if draws is None else draws[:, None])
         if eps is not None:
             raw = raw + self.sqrt_one_minus_alpha * eps[:, 0]
         return self.in_norm(raw)

@@ -23,6 +23,22 @@ TINY = [
 ]  # fmt: skip
 
 
+def train_args(data_dir, out, *extra) -> list[str]:
+    """`ladderlm train` of the tiny model on the test corpus."""
+    return [
+        "train",
+        "--preset",
+        "shakespeare-char-cpu",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        *TINY,
+        *extra,
+    ]
+
+
 def tiny_model(n_step: int = 1, vocab_size: int = 11, block_size: int = 12, seed: int = 0, **kw) -> LadderLM:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=8 * n_step, block_size=block_size, n_step=n_step, **kw)
@@ -46,6 +62,5 @@ def data_dir(tmp_path_factory, corpus_file) -> Path:
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, data_dir) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    args = ["train", "--preset", "shakespeare-char-cpu", "--data", str(data_dir), "--out", str(out), "--no-progress"]
-    assert main([*args, *TINY, "--set", "train.max_iters=20", "--set", "train.eval_interval=10"]) == 0
+    assert main(train_args(data_dir, out, "--set", "train.max_iters=20", "--set", "train.eval_interval=10")) == 0
     return out

@@ -13,22 +13,7 @@ from safetensors.torch import load_file
 from ladderlm import checkpoint
 from ladderlm.cli import main
 
-from .conftest import TINY
-
-
-def train_argv(data_dir, out, *extra):
-    return [
-        "train",
-        "--preset",
-        "shakespeare-char-cpu",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(out),
-        "--no-progress",
-        *TINY,
-        *extra,
-    ]
+from .conftest import train_args
 
 
 def spawn(argv):
@@ -58,8 +43,8 @@ def weights(run):
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
     common = ["--set", "train.max_iters=150", "--set", "train.checkpoint_interval=7", "--set", "train.eval_interval=1000",
               "--set", "model.dropout=0.1"]  # fmt: skip
-    assert main(train_argv(data_dir, tmp_path / "full", *common)) == 0
-    proc = spawn(train_argv(data_dir, tmp_path / "crashed", *common))
+    assert main(train_args(data_dir, tmp_path / "full", *common)) == 0
+    proc = spawn(train_args(data_dir, tmp_path / "crashed", *common))
     wait_for_step(proc, tmp_path / "crashed", 40)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -73,7 +58,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
 
 def test_sigterm_writes_a_loadable_checkpoint(tmp_path, data_dir):
     run = tmp_path / "run"
-    proc = spawn(train_argv(data_dir, run, "--set", "train.max_iters=100000", "--set", "train.checkpoint_interval=100000"))
+    proc = spawn(train_args(data_dir, run, "--set", "train.max_iters=100000", "--set", "train.checkpoint_interval=100000"))
     wait_for_step(proc, run, 10)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -90,7 +75,7 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path, data_dir):
 @pytest.mark.parametrize("skips", [0, 2])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys, skips):
     run = tmp_path / "run"
-    argv = train_argv(data_dir, run, "--set", "train.max_iters=50", "--set", "train.checkpoint_interval=1",
+    argv = train_args(data_dir, run, "--set", "train.max_iters=50", "--set", "train.checkpoint_interval=1",
                       "--set", "train.warmup_iters=0", "--set", "train.learning_rate=1e30", "--set", "train.min_lr=0",
                       "--set", f"train.skip_nonfinite={skips}")  # fmt: skip
     assert main(argv) == 1

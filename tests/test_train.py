@@ -5,22 +5,7 @@ from safetensors.torch import load_file
 
 from ladderlm.cli import main
 
-from .conftest import TINY
-
-
-def train_args(data_dir, out, *extra):
-    return [
-        "train",
-        "--preset",
-        "shakespeare-char-cpu",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(out),
-        "--no-progress",
-        *TINY,
-        *extra,
-    ]
+from .conftest import train_args
 
 
 def test_run_dir_contents(run_dir):
