@@ -25,7 +25,11 @@ def slot_masks(positions: Tensor, n_known: int, n_step: int, first: Tensor | int
            p - s < n_known). The other slots hold tokens not emitted yet: the sampler fills
            them from the model's outputs.
     """
-    j = slot_tokens(positions, n_step)
+    return masks_of(slot_tokens(positions, n_step), n_known, first)
+
+
+def masks_of(j: Tensor, n_known: int, first: Tensor | int = 0) -> tuple[Tensor, Tensor]:
+    """`slot_masks` from the slots' token indices j (P, S)."""
     first = first[:, None, None] if isinstance(first, Tensor) else first
     return (j >= first) & (j < n_known), j < n_known
 

@@ -101,8 +101,9 @@ class LadderLM(nn.Module):
         emitted yet (pads here; the sampler replaces them with the model's own outputs).
         """
         n = tokens.shape[1]
-        real, given = ladder.slot_masks(positions, n, self.n_step, first)
-        emb = self.wte(tokens[:, ladder.slot_tokens(positions, self.n_step).clamp(0, n - 1)])  # (B, P, S, E)
+        j = ladder.slot_tokens(positions, self.n_step)  # (P, S)
+        real, given = ladder.masks_of(j, n, first)
+        emb = self.wte(tokens[:, j.clamp(0, n - 1)])  # (B, P, S, E)
         keep = real[..., None].to(emb.dtype)  # (P, S, 1), or (B, P, S, 1) per row: zero on pads
         raw = emb * (self.sqrt_alpha * keep)
         eps = self.noise(noise, emb, generator, draws)

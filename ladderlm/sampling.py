@@ -65,8 +65,11 @@ def decode(
 
     def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
         at = torch.arange(c, c + 1, device=device)
-        x, given = model.embed_slots(ctx[:, :n_known], at, model.prompt_noise, draws=draws[:, c : c + 1], first=pad)
-        x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
+        # Rungs s >= c - n_known + 1 hold known tokens; below the clean rung they take prompt noise.
+        noise = model.prompt_noise if c - n_known + 1 < S - 1 else "zero"
+        x, given = model.embed_slots(ctx[:, :n_known], at, noise, draws=draws[:, c : c + 1], first=pad)
+        if c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
+            x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
         y, state = model.run(x, state)
         return y[:, -1], state
 
