@@ -62,9 +62,10 @@ class LadderLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def empty_state(self, batch_size: int, device: torch.device | str | None = None, pad: Tensor | None = None):
-        """The backbone's empty state; `pad` (B,) left-pad slots per row for prompts of different lengths."""
-        return self.backbone.empty_state(batch_size, device or self.wte.weight.device, self.wte.weight.dtype, pad)
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None, pad: Tensor | None = None, reserve: int = 0):
+        """The backbone's empty state; `pad` (B,) left-pad slots per row for prompts of different lengths,
+        `reserve` positions of room when decoding will follow."""
+        return self.backbone.empty_state(batch_size, device or self.wte.weight.device, self.wte.weight.dtype, pad, reserve)
 
     def noise(
         self, kind: str, emb: Tensor, generator: torch.Generator | None = None, draws: Tensor | None = None

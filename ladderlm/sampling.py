@@ -81,7 +81,7 @@ def decode(
         draws = torch.randn(N, model.n_positions, S - 1, model.rung_dim, generator=generator, device=device)
         w = window.shape[1]
         ctx[:, :w] = window
-        state = model.empty_state(N, device, pad)
+        state = model.empty_state(N, device, pad, reserve=model.n_positions)
         if parallel_prefill:
             x, _ = model.embed_slots(window, torch.arange(w, device=device), model.prompt_noise, draws=draws[:, :w], first=pad)
             y, state = model.run(x, state)
