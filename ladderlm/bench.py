@@ -12,9 +12,10 @@ from collections.abc import Callable
 import torch
 
 from .config import Config, load_config
+from .distributed import resolve_device
 from .model import LadderLM
 from .sampling import decode, sampler
-from .train import make_optimizer, resolve_device
+from .train import make_optimizer
 
 BENCH_VOCAB = 65  # tiny Shakespeare's characters
 

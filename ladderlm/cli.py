@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,22 +32,22 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.preset or args.config:
             raise LadderError("--resume continues the run's own config; use --set to change keys")
         ckpt = Run(Path(args.out)).ckpt
-        checkpoint.recover(ckpt)
-        if not ckpt.is_dir():
+        if not (ckpt.is_dir() or ckpt.with_name("ckpt.old").is_dir()):  # .old: a crash inside a checkpoint write
             raise LadderError(f"nothing to resume: {ckpt} does not exist")
-        _, cfg, _ = checkpoint.load(ckpt)
+        _, cfg, _ = checkpoint.load(args.out)
         cfg = validate(apply_overrides(cfg, args.set))
     else:
         cfg = load_config(args.preset, args.config, args.set)
     losses = train(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress)
-    print(
-        f"done: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f} "
-        "(estimates; `ladderlm eval` scores the whole split)"
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(
+            f"done: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f} "
+            "(estimates; `ladderlm eval` scores the whole split)"
+        )
 
 
 def _device(name: str):
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     return resolve_device(name)
 

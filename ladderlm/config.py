@@ -56,6 +56,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient to skip before stopping
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16; master weights stay fp32
+    compile: bool = False  # torch.compile the model for training
 
 
 @dataclass
@@ -77,6 +79,7 @@ CHOICES = {
     "model.sample_fill": ("raw", "renoise"),
     "model.prompt_noise": ("sample", "zero"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 
 

@@ -149,13 +149,19 @@ class TokenData:
         return cls(path, splits["train"], splits["val"], tokenizer, meta)
 
     def batch(
-        self, split: str, batch_size: int, block_size: int, generator: torch.Generator
+        self, split: str, batch_size: int, block_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: inputs start with <|endoftext|> then block_size-1 tokens; targets are the next tokens."""
+        """Random windows: inputs start with <|endoftext|> then block_size-1 tokens; targets are the next tokens.
+
+        shard = (rank, world): draw the global batch of batch_size * world windows and return the
+        rank's own batch_size of them, so ranks read disjoint rows of one seeded batch.
+        """
         data = self.train if split == "train" else self.val
         if len(data) < block_size:
             raise LadderError(f"{split} split has {len(data)} tokens, fewer than block_size={block_size}")
-        starts = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator).numpy()
+        rank, world = shard
+        starts = torch.randint(len(data) - block_size + 1, (batch_size * world,), generator=generator).numpy()
+        starts = starts[rank * batch_size : (rank + 1) * batch_size]
         targets = torch.from_numpy(data[starts[:, None] + np.arange(block_size)].astype(np.int64))
         eot = torch.full((batch_size, 1), self.tokenizer.eot_id, dtype=torch.int64)
         return torch.cat([eot, targets[:, :-1]], dim=1), targets

@@ -15,21 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, save_json
 from .data import TokenData
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LadderError("train.device=cuda but no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LadderError("train.device=mps but MPS is not available")
-    return torch.device(name)
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -146,16 +136,28 @@ class Run:
 
 
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns the final eval losses."""
+    """Train (or resume) a run, in one process or one rank of a torchrun job; returns the final eval losses."""
     data = TokenData.open(data_dir)
     run = Run(Path(out_dir))
-    device = resolve_device(cfg.train.device)
+    ddp = distributed.init(cfg.train.device)
+    try:
+        return _train(cfg, data, run, ddp, resume, progress)
+    finally:
+        ddp.close()
+
+
+def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume: bool, progress: bool) -> dict:
+    device = ddp.device
     if resume:
-        checkpoint.recover(run.ckpt)  # a crash inside a checkpoint write
+        if ddp.main:
+            checkpoint.recover(run.ckpt)  # a crash inside a checkpoint write
+        ddp.barrier()
         state = checkpoint.load_trainer_state(run.ckpt)
         trained_on = (state["data_sha256"], state["tokenizer"], cfg.model.vocab_size)
         if trained_on != (data.meta["sha256"], data.tokenizer.kind, data.meta["vocab_size"]):
             raise LadderError(f"{data.path} is not the data this run was trained on (corpus or tokenizer differs)")
+    elif run.ckpt.exists() or run.metrics.exists():
+        raise LadderError(f"{run.out} already holds a run; pass --resume to continue it or choose another --out")
     cfg.model.vocab_size = data.meta["vocab_size"]
     if len(data.train) < cfg.model.block_size or len(data.val) < cfg.model.block_size:
         raise LadderError(f"{data.path}: each split needs at least block_size={cfg.model.block_size} tokens")
@@ -163,7 +165,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     torch.manual_seed(cfg.train.seed)
     model = LadderLM(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg)
-    data_gen = torch.Generator().manual_seed(cfg.train.seed)
+    data_gen = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
     step = 0
     if resume:
         resumed, _, _ = checkpoint.load(run.ckpt, device)
@@ -172,43 +174,56 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
         step = state["step"]
         set_rng_states(state)
         data_gen.set_state(state["data_rng"])
-        run.truncate_metrics(step)
-    else:
-        if run.ckpt.exists() or run.metrics.exists():
-            raise LadderError(f"{run.out} already holds a run; pass --resume to continue it or choose another --out")
+    ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
+    if ddp.main:
+        if resume:
+            run.truncate_metrics(step)
         run.out.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, run.out / "config.json")
+        save_json(cfg, run.out / "config.json")
+    trained = ddp.wrap(torch.compile(model) if cfg.train.compile else model)
 
     def save_checkpoint() -> None:
-        trainer_state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            **rng_states(),
-            "data_rng": data_gen.get_state(),
-            "data_sha256": data.meta["sha256"],
-            "tokenizer": data.tokenizer.kind,
-        }
-        checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state)
+        if ddp.main:
+            trainer_state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                **rng_states(),
+                "data_rng": data_gen.get_state(),
+                "data_sha256": data.meta["sha256"],
+                "tokenizer": data.tokenizer.kind,
+            }
+            checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state)
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run.out / "tb"), purge_step=step)
+    writer = SummaryWriter(str(run.out / "tb"), purge_step=step) if ddp.main else None
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-    bar = tqdm(total=t.max_iters, initial=step, disable=not progress, unit="it", dynamic_ncols=True)
+    tokens_per_step = t.batch_size * ddp.world * t.grad_accum * cfg.model.block_size
+    bar = tqdm(total=t.max_iters, initial=step, disable=not (progress and ddp.main), unit="it", dynamic_ncols=True)
+    precision = distributed.autocast(device, t.precision)
     model.train()
     losses: dict[str, float] = {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     skipped = 0
     signals = StopSignals()
+
+    def say(message: str) -> None:
+        if ddp.main:
+            bar.write(message)
+
+    def log(record: dict) -> None:
+        if ddp.main:
+            run.log(record)
+            for k, v in record.items():
+                if k != "step":
+                    writer.add_scalar(k, v, record["step"])
+
     try:
         while True:
             if step % t.eval_interval == 0 or step == t.max_iters:
-                losses = estimate_loss(model, data, cfg, device)
-                run.log({"step": step, **losses})
-                for k, v in losses.items():
-                    writer.add_scalar(k, v, step)
-                bar.write(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
+                losses = estimate_loss(model, data, cfg, device)  # the same batches and result on every rank
+                log({"step": step, **losses})
+                say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
                 window_start = time.perf_counter()
             if step >= t.max_iters:
                 break
@@ -216,17 +231,21 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _ in range(t.grad_accum):
-                x, y = data.batch("train", t.batch_size, cfg.model.block_size, data_gen)
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss / t.grad_accum).backward()
-                loss_sum += loss.detach()
+            for micro in range(t.grad_accum):
+                x, y = data.batch("train", t.batch_size, cfg.model.block_size, data_gen, shard=(ddp.rank, ddp.world))
+                with ddp.no_sync(trained, micro == t.grad_accum - 1), precision:
+                    _, loss = trained(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    (loss / t.grad_accum).backward()
+                loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-            checked = torch.stack([loss_sum, grad_norm])
-            if not bool(torch.isfinite(checked).all()):  # one host sync per step guards the weights
+            # One reduction a step: the loss averaged over ranks, and whether any rank was asked to stop.
+            stop_asked = torch.tensor(float(bool(signals.received)), device=device)
+            checked = ddp.mean(torch.stack([loss_sum / t.grad_accum, grad_norm, stop_asked]))
+            mean_loss, grad_norm, stop = checked.tolist()  # the step's one host sync guards the weights
+            if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 what = ", ".join(
-                    f"{name} is {v}" for name, v in zip(("loss", "gradient norm"), checked.tolist()) if not math.isfinite(v)
+                    f"{name} is {v}" for name, v in (("loss", mean_loss), ("gradient norm", grad_norm)) if not math.isfinite(v)
                 )
                 if skipped >= t.skip_nonfinite:
                     raise LadderError(
@@ -235,39 +254,37 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
                         + "; lower train.learning_rate or allow skips with train.skip_nonfinite=N"
                     )
                 skipped += 1
-                bar.write(f"step {step + 1}: {what}; skipped ({skipped} of train.skip_nonfinite={t.skip_nonfinite})")
+                say(f"step {step + 1}: {what}; skipped ({skipped} of train.skip_nonfinite={t.skip_nonfinite})")
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
-            window_loss += loss_sum
+            window_loss += mean_loss
             bar.update(1)
             if step % t.log_interval == 0 or step == t.max_iters:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
-                    "loss": float(window_loss) / (window_steps * t.grad_accum),
+                    "loss": window_loss / window_steps,
                     "lr": lr,
                     "tokens_per_s": window_steps * tokens_per_step / elapsed,
                 }
-                run.log(record)
-                writer.add_scalar("loss", record["loss"], step)
-                writer.add_scalar("lr", lr, step)
-                writer.add_scalar("tokens_per_s", record["tokens_per_s"], step)
+                log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            if step % t.checkpoint_interval == 0 or step == t.max_iters:
+            if step % t.checkpoint_interval == 0 or step == t.max_iters or stop:
                 save_checkpoint()
-            if signals.received:
-                save_checkpoint()
-                name = signal.Signals(signals.received[0]).name
+            if stop:
+                name = signal.Signals(signals.received[0]).name if signals.received else "a signal on another rank"
                 raise TrainingInterrupted(f"{name}: stopped at step {step}; checkpoint in {run.ckpt}; continue with --resume")
     finally:
         signals.restore()
         bar.close()
-        writer.close()
-    from .plot import plot_losses
+        if writer is not None:
+            writer.close()
+    if ddp.main:
+        from .plot import plot_losses
 
-    plot_losses([run.out], run.out / "loss.png")
+        plot_losses([run.out], run.out / "loss.png")
     return losses

@@ -1,0 +1,89 @@
+"""Parallelism, apart from the training loop: one process, or DistributedDataParallel under torchrun.
+
+`torchrun --nproc_per_node=N -m ladderlm train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; then
+every rank joins a process group (nccl on CUDA, gloo on CPU), draws the same global batch of
+batch_size * world rows from the shared seeded generator and trains on its own slice of it, so
+that the global batch per optimizer step is batch_size * world * grad_accum windows whatever N is.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import LadderError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LadderError("train.device=cuda but no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise LadderError("train.device=mps but MPS is not available")
+    return torch.device(name)
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone logs, writes metrics and checkpoints."""
+        return self.rank == 0
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of `t` over ranks (identity in one process)."""
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, model: nn.Module, last_micro_step: bool):
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        return nullcontext() if self.world == 1 or last_micro_step else model.no_sync()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(device_name: str) -> Dist:
+    """One process, or join the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        return Dist(0, 1, device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast with fp32 master weights, or nothing; `auto` is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
