@@ -14,7 +14,7 @@ import torch
 from .config import Config, load_config
 from .distributed import resolve_device
 from .model import LadderLM
-from .sampling import decode, sampler
+from .sampling import decode, sampler, single_position_kernels
 from .train import make_optimizer
 
 BENCH_VOCAB = 65  # tiny Shakespeare's characters
@@ -65,6 +65,7 @@ def train_tokens_per_s(model: LadderLM, cfg: Config, repeats: int, steps: int = 
 
 
 @torch.inference_mode()
+@single_position_kernels()  # the same kernels as `decode`, which is faster here for windows this size too
 def recompute_decode(model: LadderLM, prompt: torch.Tensor, n_new: int, pick) -> torch.Tensor:
     """nanoGPT-style generation: the whole (cropped) window is recomputed for every new token."""
     block, S = model.cfg.block_size, model.n_step
