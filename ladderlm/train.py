@@ -56,10 +56,11 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, device: torch.d
     out = {}
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
+        noise = torch.Generator(device=device).manual_seed(cfg.train.seed + 2)  # leaves the training RNG alone
         losses = []
         for _ in range(cfg.train.eval_iters):
             x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g)
-            losses.append(model(x.to(device), y.to(device), generator=g if device.type == "cpu" else None)[1].item())
+            losses.append(model(x.to(device), y.to(device), generator=noise)[1].item())
         out[f"{split}_loss"] = sum(losses) / len(losses)
     model.train()
     return out
