@@ -46,12 +46,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
-def _device(name: str):
-    from .distributed import resolve_device
-
-    return resolve_device(name)
-
-
 def _prompt_text(prompt: str) -> str:
     try:
         prompt.encode("utf-8")
@@ -70,6 +64,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from . import checkpoint
+    from .distributed import resolve_device
     from .sampling import generate
 
     prompts = [_prompt_text(p) for p in (args.prompt or [""])]
@@ -85,7 +80,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise LadderError(f"{name} is out of range")
     if args.stream and len(prompts) * args.num_samples != 1:
         raise LadderError("--stream prints one sample; give one --prompt and --num-samples 1")
-    model, _, tokenizer = checkpoint.load(args.ckpt, _device(args.device), args.set)
+    model, _, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device), args.set)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     window = model.cfg.block_size - 1  # tokens after the start token
     if args.no_slide and max(map(len, prompt_ids)) > window:
@@ -139,11 +134,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from . import checkpoint
     from .data import TokenData
+    from .distributed import resolve_device
     from .evaluate import evaluate
 
     if args.rows < 1 or args.batch_size < 1:
         raise LadderError("--rows and --batch-size must be >= 1")
-    model, cfg, tokenizer = checkpoint.load(args.ckpt, _device(args.device), args.set)
+    model, cfg, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device), args.set)
     data = TokenData.open(args.data)
     ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
     if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
