@@ -41,7 +41,7 @@ def weights(run):
 
 
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
-    common = ["--set", "train.max_iters=150", "--set", "train.checkpoint_interval=7", "--set", "train.eval_interval=1000",
+    common = ["--set", "train.max_iters=300", "--set", "train.checkpoint_interval=7", "--set", "train.eval_interval=1000",
               "--set", "model.dropout=0.1"]  # fmt: skip
     assert main(train_args(data_dir, tmp_path / "full", *common)) == 0
     proc = spawn(train_args(data_dir, tmp_path / "crashed", *common))
