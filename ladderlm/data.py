@@ -94,9 +94,8 @@ def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> di
     ids = np.concatenate(pieces)
     n_train = int(0.9 * len(ids))
     train, val = ids[:n_train], ids[n_train:]
-    sha = hashlib.sha256()
-    for doc in documents:
-        sha.update(doc.encode("utf-8"))
+    # NUL between documents, so that moving a boundary changes the hash; one document hashes like its file
+    sha = hashlib.sha256(b"\0".join(doc.encode("utf-8") for doc in documents))
     meta = {
         "source": source,
         "tokenizer": tok.kind,
