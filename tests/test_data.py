@@ -57,6 +57,9 @@ def test_directory_source_separates_documents(tmp_path):
     ids = np.concatenate([d.train, d.val]).tolist()
     assert meta["documents"] == 2
     assert ids.count(d.tokenizer.eot_id) == 1 and d.tokenizer.decode(ids) == "firstsecond"
+    (src / "a.txt").write_text("firsts")  # the same characters, the boundary moved
+    (src / "b.txt").write_text("econd")
+    assert prepare(str(src), "char", tmp_path / "moved")["sha256"] != meta["sha256"]
 
 
 def test_stdlib_source_is_fixed_order():
