@@ -51,7 +51,14 @@ def recover(path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(path: Path, model: LadderLM, cfg: Config, tokenizer: Tokenizer, trainer_state: dict[str, Any]) -> None:
+def save(
+    path: Path,
+    model: LadderLM,
+    cfg: Config,
+    tokenizer: Tokenizer,
+    trainer_state: dict[str, Any],
+    extras: dict[str, torch.nn.Module] | None = None,
+) -> None:
     """Write a sibling temp dir, fsync it, then swap it in; the previous checkpoint stays until then.
 
     A crash at any moment leaves either `path` or `path.old` complete (see `recover`).
@@ -60,6 +67,8 @@ def save(path: Path, model: LadderLM, cfg: Config, tokenizer: Tokenizer, trainer
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
+    for name, module in (extras or {}).items():  # trained beside the model, e.g. NextLat's psi
+        save_model(module, str(tmp / f"{name}.safetensors"))
     save_json(cfg, tmp / "config.json")
     tokenizer.save(tmp / "tokenizer.json")
     torch.save(trainer_state, tmp / "trainer.pt")
@@ -96,6 +105,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
         )
     return model.to(device).eval(), cfg, tokenizer
+
+
+def load_module(path: Path, name: str, module: torch.nn.Module) -> None:
+    """Load `name`.safetensors of a checkpoint dir into `module` (e.g. NextLat's psi on resume)."""
+    try:
+        load_model(module, str(path / f"{name}.safetensors"))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise LadderError(f"{path / (name + '.safetensors')} is missing, corrupt or of another shape: {e}") from None
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -61,15 +61,24 @@ class TrainConfig:
 
 
 @dataclass
+class NextLatConfig:
+    horizon: int = 0  # rollout steps d of Next-Latent Prediction; 0 turns it off
+    lambda_h: float = 1.0  # weight of the next-latent SmoothL1 loss
+    lambda_kl: float = 1.0  # weight of the KL term
+    width: int = 0  # hidden width of the latent dynamics MLP psi; 0 means 4 * n_embd
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    nextlat: NextLatConfig = field(default_factory=NextLatConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "nextlat": NextLatConfig}
 DERIVED_KEYS = {"model.vocab_size"}
 CHOICES = {
     "model.backbone": ("attention",),
@@ -230,6 +239,13 @@ def validate(cfg: Config) -> Config:
         raise LadderError("train.grad_clip and train.weight_decay must be >= 0")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         raise LadderError("train.beta1 and train.beta2 must be in [0, 1)")
+    n = cfg.nextlat
+    if min(n.horizon, n.width, n.lambda_h, n.lambda_kl) < 0:
+        raise LadderError("nextlat.horizon, nextlat.width, nextlat.lambda_h and nextlat.lambda_kl must be >= 0")
+    if n.horizon >= m.block_size:
+        raise LadderError(f"nextlat.horizon ({n.horizon}) must be smaller than model.block_size ({m.block_size})")
+    if n.horizon and m.n_step > 1:
+        raise LadderError("nextlat.horizon > 0 needs model.n_step = 1 for now: the ladder's KL rollout is not built yet")
     return cfg
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import ladder
 from .config import ModelConfig
@@ -69,3 +69,37 @@ def ladder_loss(
         # Relative to the target's energy: the loss does not depend on the input norm's scale.
         loss = loss + cfg.latent_loss_scale * (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
     return loss
+
+
+class LatentDynamics(nn.Module):
+    """NextLat's psi: h^_{t+1} = h_t + f(LayerNorm([h_t ; e(x_{t+1})])), f a 3-layer GELU MLP."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.f = nn.Sequential(nn.Linear(2 * dim, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
+        nn.init.zeros_(self.f[-1].weight)  # start as the identity rollout
+        nn.init.zeros_(self.f[-1].bias)
+
+    def forward(self, h: Tensor, e: Tensor) -> Tensor:
+        return h + self.f(self.norm(torch.cat([h, e], dim=-1)))
+
+
+def nextlat_losses(h: Tensor, next_emb: Tensor, head: Tensor, psi: LatentDynamics, horizon: int) -> tuple[Tensor, Tensor]:
+    """Next-latent SmoothL1 and KL losses of a `horizon`-step rollout with the true tokens, over all positions.
+
+    h (B, T, C): the model's final latents, h[:, p] after reading input token p; next_emb (B, T, C):
+    embeddings of the next tokens (targets), detached; head (V, C): the LM head, detached (frozen).
+    Step i rolls every position p forward, h^i[:, p] = psi(h^{i-1}[:, p], next_emb[:, p+i-1]), and
+    compares it with sg(h[:, p+i]): SmoothL1 on the latents, KL(p(.|sg h) || p(.|h^)) on the
+    head's distributions. Gradients reach psi and, through h^0 = h, the model; never the head.
+    """
+    T = h.shape[1]
+    true_logp = F.log_softmax(F.linear(h.detach(), head).float(), dim=-1)  # (B, T, V)
+    rolled, l_h, l_kl = h, 0.0, 0.0
+    for i in range(1, horizon + 1):  # one batched MLP call per rollout step, never a loop over positions
+        rolled = psi(rolled[:, : T - i], next_emb[:, i - 1 : T - 1])  # (B, T - i, C)
+        l_h = l_h + F.smooth_l1_loss(rolled, h[:, i:].detach())
+        logq = F.log_softmax(F.linear(rolled, head).float(), dim=-1)
+        l_kl = l_kl + F.kl_div(logq, true_logp[:, i:], log_target=True, reduction="none").sum(-1).mean()
+    return l_h / horizon, l_kl / horizon

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, objectives
 from .config import Config, save_json
 from .data import TokenData
 from .errors import LadderError, TrainingInterrupted
-from .model import LadderLM
+from .model import LadderLM, RungNorm
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -34,19 +35,42 @@ def learning_rate(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.learning_rate - t.min_lr)
 
 
-def make_optimizer(model: LadderLM, cfg: Config) -> torch.optim.AdamW:
-    """Weight decay on matrices only (not on norms, biases or the per-rung norm weights)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """Weight decay on matrices only: not on norms (the per-rung norm weights are matrices too) or biases."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    norms = {id(p) for m in module.modules() if isinstance(m, RungNorm) for p in m.parameters()}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2 and not _is_norm(model, p)], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in params if p.dim() < 2 or _is_norm(model, p)], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in norms], "weight_decay": cfg.train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2 or id(p) in norms], "weight_decay": 0.0},
     ]
     fused = params[0].device.type in ("cpu", "cuda")  # one kernel per step: ~7% of a CPU step saved
     return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
 
 
-def _is_norm(model: LadderLM, p: torch.nn.Parameter) -> bool:
-    return any(p is q for q in (*model.in_norm.parameters(), *model.out_norm.parameters()))
+class Objective(nn.Module):
+    """What training minimises: the model's loss, plus Next-Latent Prediction when `nextlat.horizon` > 0.
+
+    psi (the latent dynamics) is trained and checkpointed beside the model; sampling and eval never use it.
+    """
+
+    def __init__(self, model: LadderLM, cfg: Config):
+        super().__init__()
+        self.model, self.nextlat = model, cfg.nextlat
+        self.psi = None
+        if cfg.nextlat.horizon:
+            with torch.random.fork_rng(devices=[]):  # psi's init leaves the training RNG where it was
+                torch.manual_seed(cfg.train.seed + 3)
+                self.psi = objectives.LatentDynamics(cfg.model.n_embd, cfg.nextlat.width or 4 * cfg.model.n_embd)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, m = self.nextlat, self.model
+        if not (n.horizon and (n.lambda_h or n.lambda_kl)):
+            return m(idx, targets)[1]
+        x, y = m.teacher_forced(idx)
+        loss = objectives.ladder_loss(m.cfg, m.lm_head(y), y, x, targets, m.alpha, m.in_norm)
+        latents = y[:, :, -1]  # (B, T, C): n_step is 1 here
+        l_h, l_kl = objectives.nextlat_losses(latents, m.wte(targets).detach(), m.lm_head.weight.detach(), self.psi, n.horizon)
+        return loss + n.lambda_h * l_h + n.lambda_kl * l_kl
 
 
 @torch.no_grad()
@@ -165,12 +189,15 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     torch.manual_seed(cfg.train.seed)
     model = LadderLM(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg)
+    objective = Objective(model, cfg).to(device)
+    optimizer = make_optimizer(objective, cfg)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
     step = 0
     if resume:
         resumed, _, _ = checkpoint.load(run.ckpt, device)
         model.load_state_dict(resumed.state_dict())
+        if objective.psi is not None:
+            checkpoint.load_module(run.ckpt, "psi", objective.psi)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         set_rng_states(state)
@@ -181,7 +208,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             run.truncate_metrics(step)
         run.out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, run.out / "config.json")
-    trained = ddp.wrap(torch.compile(model) if cfg.train.compile else model)
+    trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective)
 
     def save_checkpoint() -> None:
         if ddp.main:
@@ -193,7 +220,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 "data_sha256": data.meta["sha256"],
                 "tokenizer": data.tokenizer.kind,
             }
-            checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state)
+            extras = {} if objective.psi is None else {"psi": objective.psi}
+            checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state, extras)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -202,7 +230,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     tokens_per_step = t.batch_size * ddp.world * t.grad_accum * cfg.model.block_size
     bar = tqdm(total=t.max_iters, initial=step, disable=not (progress and ddp.main), unit="it", dynamic_ncols=True)
     precision = distributed.autocast(device, t.precision)
-    model.train()
+    objective.train()
     losses: dict[str, float] = {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     skipped = 0
@@ -235,10 +263,10 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             for micro in range(t.grad_accum):
                 x, y = data.batch("train", t.batch_size, cfg.model.block_size, data_gen, shard=(ddp.rank, ddp.world))
                 with ddp.no_sync(trained, micro == t.grad_accum - 1), precision:
-                    _, loss = trained(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    loss = trained(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), t.grad_clip or float("inf"))
             # One reduction a step: the loss averaged over ranks, and whether any rank was asked to stop.
             stop_asked = torch.tensor(float(bool(signals.received)), device=device)
             checked = ddp.mean(torch.stack([loss_sum / t.grad_accum, grad_norm, stop_asked]))

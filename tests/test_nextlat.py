@@ -1,0 +1,86 @@
+"""Next-Latent Prediction for the GPT: the rollout, its losses, where gradients go, and the trainer."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ladderlm.cli import main
+from ladderlm.config import load_config
+from ladderlm.errors import LadderError
+from ladderlm.objectives import LatentDynamics, nextlat_losses
+
+from .conftest import tiny_model, train_args
+
+
+class ExactDynamics(LatentDynamics):
+    """The true dynamics of latents that are the embedding of the token just read."""
+
+    def forward(self, h, e):
+        return e
+
+
+def test_losses_vanish_when_the_rollout_is_the_truth():
+    emb = torch.randn(7, 16)
+    idx = torch.randint(7, (2, 10))
+    h = emb[idx]  # h[:, p] = e(x_p)
+    next_emb = emb[idx[:, 1:]]  # e(x_{p+1})
+    next_emb = torch.cat([next_emb, torch.zeros(2, 1, 16)], 1)
+    l_h, l_kl = nextlat_losses(h, next_emb, torch.randn(5, 16), ExactDynamics(16, 8), horizon=3)
+    assert l_h.abs() < 1e-7 and l_kl.abs() < 1e-6
+    l_h, l_kl = nextlat_losses(h, next_emb, torch.randn(5, 16), LatentDynamics(16, 8), horizon=3)
+    assert l_h > 0 and l_kl > 0  # psi starts as the identity: h^_{t+1} = h_t
+
+
+@pytest.mark.parametrize("term", [0, 1])
+def test_gradients_reach_psi_and_the_model_never_the_head(term):
+    model = tiny_model(vocab_size=11, tie_head=False).train()
+    psi = LatentDynamics(8, 16)
+    torch.nn.init.normal_(psi.f[-1].weight)
+    idx, targets = torch.randint(11, (3, 12)), torch.randint(11, (3, 12))
+    _, y = model.teacher_forced(idx)
+    losses = nextlat_losses(y[:, :, -1], model.wte(targets).detach(), model.lm_head.weight.detach(), psi, horizon=2)
+    losses[term].backward()
+    assert model.lm_head.weight.grad is None  # the frozen head
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in psi.f.parameters())
+    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # through h_t, the rollout's start
+
+
+def test_rollout_is_one_batched_call_per_step():
+    calls = []
+    psi = LatentDynamics(8, 16)
+    psi.register_forward_hook(lambda m, inputs, out: calls.append(inputs[0].shape))
+    nextlat_losses(torch.randn(2, 12, 8), torch.randn(2, 12, 8), torch.randn(5, 8), psi, horizon=4)
+    assert calls == [(2, 11, 8), (2, 10, 8), (2, 9, 8), (2, 8, 8)]
+
+
+def test_zero_weights_reproduce_plain_training_bit_for_bit(tmp_path, data_dir):
+    common = ["--set", "train.max_iters=8", "--set", "train.eval_interval=4"]
+    assert main(train_args(data_dir, tmp_path / "plain", *common)) == 0
+    off = ["--set", "nextlat.horizon=2", "--set", "nextlat.lambda_h=0", "--set", "nextlat.lambda_kl=0"]
+    assert main(train_args(data_dir, tmp_path / "zero", *common, *off)) == 0
+    plain, zero = (load_file(tmp_path / r / "ckpt" / "model.safetensors") for r in ("plain", "zero"))
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert (tmp_path / "zero" / "ckpt" / "psi.safetensors").is_file()
+
+
+def test_training_with_nextlat_saves_and_resumes_psi(tmp_path, data_dir):
+    run = tmp_path / "run"
+    nextlat = ["--set", "nextlat.horizon=2", "--set", "train.eval_interval=100"]
+    assert main(train_args(data_dir, run, *nextlat, "--set", "train.max_iters=6")) == 0
+    psi_6 = load_file(run / "ckpt" / "psi.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in psi_6.items() if k.startswith("f.4"))  # psi's last layer has learned
+    assert (
+        main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=8"])
+        == 0
+    )
+    psi_8 = load_file(run / "ckpt" / "psi.safetensors")
+    assert any(not torch.equal(psi_6[k], psi_8[k]) for k in psi_6)
+
+
+def test_nextlat_config():
+    cfg = load_config("shakespeare-char-cpu-nextlat")
+    assert (cfg.nextlat.horizon, cfg.model.n_step, cfg.model.n_layer) == (2, 1, 4)
+    with pytest.raises(LadderError, match="n_step = 1"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["nextlat.horizon=1"])
+    with pytest.raises(LadderError, match="smaller than model.block_size"):
+        load_config("shakespeare-char-cpu", overrides=["nextlat.horizon=64"])
