@@ -244,8 +244,8 @@ def validate(cfg: Config) -> Config:
         raise LadderError("nextlat.horizon, nextlat.width, nextlat.lambda_h and nextlat.lambda_kl must be >= 0")
     if n.horizon >= m.block_size:
         raise LadderError(f"nextlat.horizon ({n.horizon}) must be smaller than model.block_size ({m.block_size})")
-    if n.horizon and m.n_step > 1:
-        raise LadderError("nextlat.horizon > 0 needs model.n_step = 1 for now: the ladder's KL rollout is not built yet")
+    if m.n_step > 1 and n.horizon > m.n_step - 1:
+        raise LadderError(f"nextlat.horizon for a ladder must be in [0, n_step - 1] = [0, {m.n_step - 1}], got {n.horizon}")
     return cfg
 
 

@@ -151,6 +151,26 @@ class LadderLM(nn.Module):
         y, _ = self.run(x, self.empty_state(B, idx.device))
         return x, y
 
+    def rollout(self, x: Tensor, y: Tensor, steps: int) -> list[Tensor]:
+        """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
+
+        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung, of the start
+        token and of pads, and fills every other slot (a token the sampler would not have emitted
+        yet) from the previous pass's outputs one position back, `fill(y[p - 1, s])`. Pass k then
+        equals the free-running sampler (true tokens on the clean rung) at positions 0..k, with
+        one batched backbone pass per step. Returns the outputs (B, L, S, E) of every pass.
+        """
+        B, L, S, E = x.shape
+        j = ladder.slot_tokens(torch.arange(L, device=x.device), S)  # (L, S)
+        fed = (j >= 1) & (torch.arange(S, device=x.device) < S - 1)  # not emitted yet at that position
+        outs = []
+        for _ in range(steps):
+            fills = self.fill(y[:, :-1].reshape(-1, S, E)).view(B, L - 1, S, E)
+            x_k = torch.where(fed[1:, :, None], fills, x[:, 1:])
+            y, _ = self.run(torch.cat([x[:, :1], x_k], 1), self.empty_state(B, x.device))
+            outs.append(y)
+        return outs
+
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor | None]:

@@ -103,3 +103,27 @@ def nextlat_losses(h: Tensor, next_emb: Tensor, head: Tensor, psi: LatentDynamic
         logq = F.log_softmax(F.linear(rolled, head).float(), dim=-1)
         l_kl = l_kl + F.kl_div(logq, true_logp[:, i:], log_target=True, reduction="none").sum(-1).mean()
     return l_h / horizon, l_kl / horizon
+
+
+def ladder_rollout_losses(model, x: Tensor, y: Tensor, targets: Tensor, horizon: int, with_latent: bool) -> tuple[Tensor, Tensor]:
+    """NextLat for a ladder: the KL term (and optional latent regression) on a `horizon`-pass rollout.
+
+    Compared slots: every real slot (p, s) of the window. KL(p(.|sg y[p, s]) || p(.|y^k[p, s]))
+    uses the head's distribution on the teacher-forced outputs (detached) and on the outputs of
+    rollout pass k, the head frozen (detached weight); the latent term is the relative error of
+    in_norm(y^k[p, s]) against the true next slot x[p + 1, s]. Gradients flow through the rollout
+    passes into the backbone, the norms and (through the inputs) the embeddings; never into the
+    head through the KL, never into the teacher-forced targets.
+    """
+    head = model.lm_head.weight.detach()
+    true_logp = F.log_softmax(F.linear(y.detach(), head).float(), dim=-1)  # (B, L, S, V)
+    _, real = slot_targets(targets, model.n_step)
+    weight = real / (real.sum() * y.shape[0])
+    l_h, l_kl = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
+    for y_k in model.rollout(x, y, horizon):
+        logq = F.log_softmax(F.linear(y_k, head).float(), dim=-1)
+        l_kl = l_kl + (F.kl_div(logq, true_logp, log_target=True, reduction="none").sum(-1) * weight).sum()
+        if with_latent:
+            err, ref, pairs = latent_errors(model.in_norm(y_k), x, real)
+            l_h = l_h + (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
+    return l_h / horizon, l_kl / horizon

@@ -50,14 +50,15 @@ def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.AdamW:
 class Objective(nn.Module):
     """What training minimises: the model's loss, plus Next-Latent Prediction when `nextlat.horizon` > 0.
 
-    psi (the latent dynamics) is trained and checkpointed beside the model; sampling and eval never use it.
+    The GPT (n_step = 1) learns a latent dynamics model psi beside it, checkpointed but never used
+    to sample; a ladder is its own latent dynamics and rolls itself out (`LadderLM.rollout`).
     """
 
     def __init__(self, model: LadderLM, cfg: Config):
         super().__init__()
         self.model, self.nextlat = model, cfg.nextlat
         self.psi = None
-        if cfg.nextlat.horizon:
+        if cfg.nextlat.horizon and cfg.model.n_step == 1:
             with torch.random.fork_rng(devices=[]):  # psi's init leaves the training RNG where it was
                 torch.manual_seed(cfg.train.seed + 3)
                 self.psi = objectives.LatentDynamics(cfg.model.n_embd, cfg.nextlat.width or 4 * cfg.model.n_embd)
@@ -68,8 +69,12 @@ class Objective(nn.Module):
             return m(idx, targets)[1]
         x, y = m.teacher_forced(idx)
         loss = objectives.ladder_loss(m.cfg, m.lm_head(y), y, x, targets, m.alpha, m.in_norm)
-        latents = y[:, :, -1]  # (B, T, C): n_step is 1 here
-        l_h, l_kl = objectives.nextlat_losses(latents, m.wte(targets).detach(), m.lm_head.weight.detach(), self.psi, n.horizon)
+        if self.psi is not None:
+            latents = y[:, :, -1]  # (B, T, C): one rung
+            head = m.lm_head.weight.detach()
+            l_h, l_kl = objectives.nextlat_losses(latents, m.wte(targets).detach(), head, self.psi, n.horizon)
+        else:
+            l_h, l_kl = objectives.ladder_rollout_losses(m, x, y, targets, n.horizon, with_latent=n.lambda_h > 0)
         return loss + n.lambda_h * l_h + n.lambda_kl * l_kl
 
 

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from ladderlm.cli import main
 from ladderlm.config import load_config
 from ladderlm.errors import LadderError
-from ladderlm.objectives import LatentDynamics, nextlat_losses
+from ladderlm.objectives import LatentDynamics, ladder_rollout_losses, nextlat_losses
+from ladderlm.sampling import decode
 
 from .conftest import tiny_model, train_args
 
@@ -80,7 +81,46 @@ def test_training_with_nextlat_saves_and_resumes_psi(tmp_path, data_dir):
 def test_nextlat_config():
     cfg = load_config("shakespeare-char-cpu-nextlat")
     assert (cfg.nextlat.horizon, cfg.model.n_step, cfg.model.n_layer) == (2, 1, 4)
-    with pytest.raises(LadderError, match="n_step = 1"):
-        load_config("shakespeare-char-cpu-ladder4", overrides=["nextlat.horizon=1"])
+    cfg = load_config("shakespeare-char-cpu-ladder4-kl")
+    assert (cfg.nextlat.horizon, cfg.model.n_step) == (3, 4)
+    with pytest.raises(LadderError, match=r"\[0, n_step - 1\]"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["nextlat.horizon=4"])
     with pytest.raises(LadderError, match="smaller than model.block_size"):
         load_config("shakespeare-char-cpu", overrides=["nextlat.horizon=64"])
+
+
+@pytest.mark.parametrize("n_step, steps", [(2, 1), (3, 2), (4, 3), (3, 40)])
+def test_ladder_rollout_equals_the_sampler_on_the_same_inputs(n_step, steps):
+    """Pass k of the rollout is the free-running sampler (true tokens fed back) at positions 0..k."""
+    model = tiny_model(n_step=n_step, vocab_size=13, block_size=24, prompt_noise="zero")
+    idx = torch.cat([torch.full((2, 1), 12), torch.randint(12, (2, 19))], 1)  # start token, then text
+    L = 20 + n_step - 1
+    x, _ = model.embed_slots(idx, torch.arange(L), "zero")
+    y, _ = model.run(x, model.empty_state(2))
+    rolled = model.rollout(x, y, steps)[-1]
+    seen = []
+
+    def pick(logits, i):
+        seen.append(logits)
+        return idx[:, i + 1]
+
+    decode(model, idx[:, :1], 19, pick)
+    sampler_logits = torch.stack(seen, 1)  # entry i comes from position i + S - 1
+    upto = min(steps, L - 1) - (n_step - 1) + 1  # positions <= steps
+    rolled_logits = model.clean_logits(rolled[:, n_step - 1 :])[:, :19]
+    assert upto >= 1
+    assert (rolled_logits[:, :upto] - sampler_logits[:, :upto]).abs().max() < 1e-5
+
+
+def test_ladder_kl_gradients_and_the_degenerate_gpt():
+    model = tiny_model(n_step=3, vocab_size=11, tie_head=False).train()
+    idx, targets = torch.randint(11, (2, 10)), torch.randint(11, (2, 10))
+    x, y = model.teacher_forced(idx)
+    l_h, l_kl = ladder_rollout_losses(model, x, y, targets, horizon=2, with_latent=True)
+    assert l_kl > 0 and l_h > 0
+    l_kl.backward()
+    assert model.lm_head.weight.grad is None  # the frozen head
+    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    gpt = tiny_model(n_step=1, vocab_size=11)
+    x, y = gpt.teacher_forced(idx)
+    assert ladder_rollout_losses(gpt, x, y, targets, horizon=2, with_latent=False)[1].abs() < 1e-6  # nothing fed back
