@@ -59,8 +59,8 @@ class Objective(nn.Module):
         self.model, self.nextlat = model, cfg.nextlat
         self.psi = None
         if cfg.nextlat.horizon and cfg.model.n_step == 1:
-            with torch.random.fork_rng(devices=[]):  # psi's init leaves the training RNG where it was
-                torch.manual_seed(cfg.train.seed + 3)
+            with torch.random.fork_rng(devices=[]):  # psi is made on the CPU; its init leaves the training RNG alone
+                torch.random.default_generator.manual_seed(cfg.train.seed + 3)
                 self.psi = objectives.LatentDynamics(cfg.model.n_embd, cfg.nextlat.width or 4 * cfg.model.n_embd)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
