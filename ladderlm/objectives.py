@@ -46,6 +46,12 @@ def latent_errors(fed: Tensor, x: Tensor, real: Tensor) -> tuple[Tensor, Tensor,
     return err, target.pow(2).sum(-1), real[:-1] & real[1:]
 
 
+def relative_latent_error(fed: Tensor, x: Tensor, real: Tensor) -> Tensor:
+    """sum |fed[p, s] - x[p+1, s]|^2 / sum |x[p+1, s]|^2 over real pairs: independent of the input norm's scale."""
+    err, ref, pairs = latent_errors(fed, x, real)
+    return (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
+
+
 def rung_weights(cfg: ModelConfig, alpha: Tensor) -> Tensor:
     """(S,) cross-entropy weight per rung from `ce_rungs` and `ce_weighting`."""
     w = alpha / alpha.mean() if cfg.ce_weighting == "alpha" else torch.ones_like(alpha)
@@ -65,9 +71,7 @@ def ladder_loss(
         w = rung_weights(cfg, alpha) * real  # (L, S)
         loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / (w.sum() * targets.shape[0])
     if cfg.latent_loss_scale > 0:
-        err, ref, pairs = latent_errors(feed(y), x, real)
-        # Relative to the target's energy: the loss does not depend on the input norm's scale.
-        loss = loss + cfg.latent_loss_scale * (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
+        loss = loss + cfg.latent_loss_scale * relative_latent_error(feed(y), x, real)
     return loss
 
 
@@ -124,6 +128,5 @@ def ladder_rollout_losses(model, x: Tensor, y: Tensor, targets: Tensor, horizon:
         logq = F.log_softmax(F.linear(y_k, head).float(), dim=-1)
         l_kl = l_kl + (F.kl_div(logq, true_logp, log_target=True, reduction="none").sum(-1) * weight).sum()
         if with_latent:
-            err, ref, pairs = latent_errors(model.in_norm(y_k), x, real)
-            l_h = l_h + (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
+            l_h = l_h + relative_latent_error(model.in_norm(y_k), x, real)
     return l_h / horizon, l_kl / horizon
