@@ -1,5 +1,6 @@
 """Speed with random weights, ladder against the GPT of the same widths and depths.
 
+The `ssm_*` entries are the same two models with the SSM backbone (`model.backbone = "ssm"`).
 Every figure is the median of `repeats` timed runs after one warm-up run.
 """
 
@@ -38,8 +39,12 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def train_flops_per_token(model: LadderLM) -> float:
-    """nanoGPT's estimate: 6 N (weights, without position embeddings) plus attention's 12 L C T."""
+    """nanoGPT's estimate: 6 N (weights, without position embeddings) plus attention's 12 L C T.
+
+    For the SSM backbone only the 6 N of its weights: its scan's own FLOPs are not counted."""
     m = model.cfg
+    if m.backbone != "attention":
+        return 6 * model.num_params()
     n_params = model.num_params() - model.backbone.wpe.weight.numel()
     return 6 * n_params + 12 * m.n_layer * m.n_embd * model.n_positions
 
@@ -95,13 +100,16 @@ def run_bench(
     cfg = load_config(preset, overrides=overrides)
     cfg.model.vocab_size = BENCH_VOCAB
     device = resolve_device(cfg.train.device)
-    models = {}
-    for name, n_step in (("ladder", cfg.model.n_step), ("gpt", 1)):
+
+    def build(n_step: int, backbone: str) -> LadderLM:
         torch.manual_seed(0)
-        model_cfg = type(cfg.model)(**{**vars(cfg.model), "n_step": n_step})
+        model_cfg = type(cfg.model)(**{**vars(cfg.model), "n_step": n_step, "backbone": backbone})
         if n_step == 1:
             model_cfg.latent_loss_scale = 0.0  # the GPT baseline trains on cross-entropy alone
-        models[name] = LadderLM(model_cfg).to(device).eval()
+        return LadderLM(model_cfg).to(device).eval()
+
+    models = {"ladder": build(cfg.model.n_step, cfg.model.backbone), "gpt": build(1, cfg.model.backbone)}
+    ssm = {"ssm_ladder": build(cfg.model.n_step, "ssm"), "ssm_gpt": build(1, "ssm")}  # the same sizes, recurrent
     ladder, gpt = models["ladder"], models["gpt"]
     g = torch.Generator(device=device).manual_seed(0)
     greedy = sampler(0.0, None, None, g)
@@ -127,18 +135,25 @@ def run_bench(
     short = prompts(1)[:, :65]  # the foundation's figure: 64-token prompt, 256 new tokens, the GPT
     cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
     recompute_s = median_seconds(lambda: recompute_decode(gpt, short, n_new, greedy), repeats)
+    # The SSM models last, so that the attention figures above see the same prompts as without them.
+    prefill |= {"ssm_ladder_phased": timed(ssm["ssm_ladder"], 1, 1), "ssm_gpt": timed(ssm["ssm_gpt"], 1, 1)}
+    for name, model in ssm.items():  # batch 1
+        decode_rate[name] = (n_new - 1) / (timed(model, 1, n_new) - prefill[name if name == "ssm_gpt" else "ssm_ladder_phased"])
+    ssm_diff = (first_logits(ssm["ssm_ladder"], p, 8, True) - first_logits(ssm["ssm_ladder"], p, 8, False)).abs().max().item()
+    train_rate |= {name: train_tokens_per_s(model, cfg, repeats) for name, model in ssm.items()}
     return {
         "preset": preset,
         "overrides": list(overrides),
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "params": {name: model.num_params() for name, model in models.items()},
+        "params": {name: model.num_params() for name, model in {**models, **ssm}.items()},
         "prompt_tokens": prompt_len,
         "new_tokens": n_new,
         "prefill_ms": {k: v * 1000 for k, v in prefill.items()},
         "decode_tokens_per_s": decode_rate,
         "train_tokens_per_s": train_rate,
         "prefill_max_abs_diff": diff,
+        "ssm_prefill_max_abs_diff": ssm_diff,
         "ratios": {
             "prefill_naive_over_phased": prefill["ladder_naive"] / prefill["ladder_phased"],
             "prefill_phased_over_gpt": prefill["ladder_phased"] / prefill["gpt"],

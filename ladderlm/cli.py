@@ -139,12 +139,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.rows < 1 or args.batch_size < 1:
         raise LadderError("--rows and --batch-size must be >= 1")
+    if args.samples < 0 or args.sample_length < 8:
+        raise LadderError("--samples must be >= 0 and --sample-length >= 8")
     model, cfg, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device), args.set)
     data = TokenData.open(args.data)
     ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
     if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
         raise LadderError(f"{args.ckpt} was trained with another tokenizer than the one in {args.data}")
     result = evaluate(model, data, args.rows, args.batch_size)
+    if args.samples:
+        from .evaluate import sample_quality
+
+        scorer = model
+        if args.scorer:
+            scorer, _, scorer_tok = checkpoint.load(args.scorer, resolve_device(args.device))
+            if json.loads((checkpoint.resolve(args.scorer) / "tokenizer.json").read_text()) != ckpt_tok:
+                raise LadderError(f"scorer {args.scorer} was trained with another tokenizer than {args.ckpt}")
+        quality = sample_quality(model, scorer, data, args.samples, args.sample_length, args.seed)
+        result.update(quality["model"], sample_quality=quality)
+    if args.save:
+        path = checkpoint.resolve(args.ckpt).parent / "eval.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
     else:
@@ -168,9 +183,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from .plot import plot_losses
+    from .plot import plot
 
-    plot_losses([Path(r) for r in args.runs], Path(args.out))
+    plot(args.kind, [Path(r) for r in args.runs], Path(args.out))
     print(f"wrote {args.out}")
 
 
@@ -225,6 +240,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SAMPLING_HELP)
     p.add_argument("--rows", type=int, default=64, help="the split is read as this many parallel streams")
     p.add_argument("--batch-size", type=int, default=32, help="windows per teacher-forced batch")
+    p.add_argument("--save", action="store_true", help="also write the results to eval.json in the run dir (for `plot`)")
+    p.add_argument("--samples", type=int, default=0, help="also generate this many samples and report their quality")
+    p.add_argument("--scorer", help="checkpoint that scores the samples (gen_ppl), normally the GPT baseline; default: the model")
+    p.add_argument("--sample-length", type=int, default=256, help="tokens per sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -241,8 +261,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=2, help="phase iii steps to draw")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("plot", help="plot loss curves of runs")
+    p = sub.add_parser("plot", help="plot runs: loss curves, per-rung statistics, free-running vs teacher-forced loss")
     p.add_argument("runs", nargs="+")
+    p.add_argument(
+        "--kind", choices=("losses", "rungs", "free-vs-tf"), default="losses", help="rungs, free-vs-tf read eval.json"
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_plot)
     return parser

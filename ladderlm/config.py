@@ -24,16 +24,24 @@ class ModelConfig:
     block_size: int = 64  # tokens in the context window, start-of-text token included
     dropout: float = 0.0
     bias: bool = False
-    backbone: str = "attention"
+    backbone: str = "attention"  # attention (GPT blocks) or ssm (Mamba-2 style blocks, backbones/ssm.py)
+    ssm_state: int = 64  # ssm: state size N per head
+    ssm_conv: int = 4  # ssm: taps of the causal depthwise conv
+    ssm_expand: int = 1  # ssm: inner width = ssm_expand * n_embd
+    ssm_head_dim: int = 32  # ssm: channels per head; heads = inner width / ssm_head_dim
+    ssm_chunk: int = 64  # ssm: positions per chunk of the training scan (a speed knob, not a model change)
     n_step: int = 1  # ladder rungs S; 1 is the GPT
     tie_head: bool = True
     gamma: float = 0.0  # signal schedule shaping: alpha ** (1 - gamma)
     noise: str = "window"  # training noise: the seed's window sums, independent, or orthogonal (LayerNorm space)
     latent_loss_scale: float = 0.0  # weight of the relative latent MSE y[p, s] -> x[p+1, s]
-    ce_rungs: str = "all"  # cross-entropy on every rung or on the clean rung only
+    ce_rungs: str = "clean"  # cross-entropy on the clean rung only, or on every rung (the seed)
     ce_weighting: str = "uniform"  # per-rung CE weights: uniform, or proportional to the rung's signal alpha
     sample_fill: str = "raw"  # not-yet-emitted rungs at sampling: raw outputs, or re-noised to the rung's level
     prompt_noise: str = "sample"  # known tokens on noisy rungs at sampling: fresh noise at the rung's level, or zero
+    train_passes: int = 0  # passes per training step (0: n_step); later ones feed slots not emitted yet as the sampler does
+    first_pass: str = "blank"  # what the first pass puts in slots not emitted yet: nothing, or the noised truth (the seed)
+    grad_passes: int = 0  # backpropagate through the last this many passes (0: all); earlier ones run without a graph
 
 
 @dataclass
@@ -81,12 +89,13 @@ class Config:
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "nextlat": NextLatConfig}
 DERIVED_KEYS = {"model.vocab_size"}
 CHOICES = {
-    "model.backbone": ("attention",),
+    "model.backbone": ("attention", "ssm"),
     "model.noise": ("window", "independent", "orthogonal"),
-    "model.ce_rungs": ("all", "clean"),
+    "model.ce_rungs": ("clean", "all"),
     "model.ce_weighting": ("uniform", "alpha"),
     "model.sample_fill": ("raw", "renoise"),
     "model.prompt_noise": ("sample", "zero"),
+    "model.first_pass": ("blank", "truth"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("auto", "fp32", "bf16"),
 }
@@ -207,6 +216,11 @@ def validate(cfg: Config) -> Config:
         "model.n_embd": m.n_embd,
         "model.block_size": m.block_size,
         "model.n_step": m.n_step,
+        "model.ssm_state": m.ssm_state,
+        "model.ssm_conv": m.ssm_conv,
+        "model.ssm_expand": m.ssm_expand,
+        "model.ssm_head_dim": m.ssm_head_dim,
+        "model.ssm_chunk": m.ssm_chunk,
         "train.max_iters": t.max_iters,
         "train.batch_size": t.batch_size,
         "train.grad_accum": t.grad_accum,
@@ -224,6 +238,14 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.n_embd % m.n_step:
         raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_step ({m.n_step})")
+    if m.backbone == "ssm" and (m.ssm_expand * m.n_embd) % m.ssm_head_dim:
+        inner = m.ssm_expand * m.n_embd
+        raise LadderError(f"model.ssm_expand * model.n_embd ({inner}) must be divisible by model.ssm_head_dim ({m.ssm_head_dim})")
+    if m.train_passes < 0 or m.grad_passes < 0:
+        raise LadderError(
+            "model.train_passes and model.grad_passes must be >= 0 (0: n_step passes, all passes), "
+            f"got {m.train_passes}, {m.grad_passes}"
+        )
     if not 0.0 <= m.gamma < 1.0:
         raise LadderError(f"model.gamma must be in [0, 1), got {m.gamma}")
     if m.latent_loss_scale < 0:
@@ -246,6 +268,11 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"nextlat.horizon ({n.horizon}) must be smaller than model.block_size ({m.block_size})")
     if m.n_step > 1 and n.horizon > m.n_step - 1:
         raise LadderError(f"nextlat.horizon for a ladder must be in [0, n_step - 1] = [0, {m.n_step - 1}], got {n.horizon}")
+    if n.horizon and m.n_step > 1 and (m.train_passes or m.n_step) > 1:
+        raise LadderError(
+            "nextlat.horizon and model.train_passes > 1 both roll the ladder out; "
+            "use one of them (model.train_passes=1 for NextLat)"
+        )
     return cfg
 
 

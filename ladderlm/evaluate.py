@@ -5,6 +5,7 @@ token and slides like the sampler. Every token is scored exactly once, in both p
 - free-running: the sampler's own computation, the true token fed back on the clean rung; the
   model's likelihood of the text (`val_loss`). For S = 1 it equals the teacher-forced loss.
 - teacher-forced: parallel windows, every rung fed the (noised) truth; per-rung diagnostics.
+Sample quality (`sample_quality`): fixed-seed samples scored by another model, distinct-n, repeats.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from . import objectives
 from .data import TokenData
 from .model import LadderLM
-from .sampling import context_keep, decode
+from .sampling import context_keep, decode, sampler
 
 
 def sliding_windows(n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,4 +133,58 @@ def evaluate(model: LadderLM, data: TokenData, rows: int = 64, batch_size: int =
         "n_step": S,
         "rows": int(token_rows.shape[0]),
         "per_rung": per_rung,
+    }
+
+
+def sample(model: LadderLM, n: int, length: int, eot_id: int, seed: int = 0) -> Tensor:
+    """n unprompted samples of exactly `length` tokens at temperature 1 (an end-of-text token does not stop them)."""
+    device = model.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompts = torch.full((n, 1), eot_id, dtype=torch.long, device=device)
+    return decode(model.eval(), prompts, length, sampler(1.0, None, None, generator), generator=generator).cpu()
+
+
+def distinct_n(rows: Tensor, n: int) -> float:
+    """Mean over rows of (distinct n-grams / n-grams) within the row."""
+    grams = rows.unfold(1, n, 1)  # (R, length - n + 1, n)
+    return sum(len(set(map(tuple, g.tolist()))) / g.shape[0] for g in grams) / len(rows)
+
+
+def repeat_rate(rows: Tensor, n: int = 8) -> float:
+    """Fraction of n-grams that already occurred earlier in the same row (loops score near 1)."""
+    repeats = total = 0
+    for g in rows.unfold(1, n, 1).tolist():
+        seen: set[tuple[int, ...]] = set()
+        for gram in map(tuple, g):
+            repeats += gram in seen
+            seen.add(gram)
+        total += len(g)
+    return repeats / total
+
+
+def text_quality(rows: Tensor, scorer: LadderLM, eot_id: int) -> dict[str, float]:
+    """gen_ppl (perplexity under `scorer`, each row read from the start token), distinct-2/3, repeat rate."""
+    lengths = torch.full((rows.shape[0],), rows.shape[1])
+    nll = free_running_nll(scorer.eval(), rows, lengths, eot_id) / rows.numel()
+    return {
+        "gen_ppl": math.exp(nll),
+        "distinct_2": distinct_n(rows, 2),
+        "distinct_3": distinct_n(rows, 3),
+        "repeat_rate": repeat_rate(rows),
+    }
+
+
+def sample_quality(model: LadderLM, scorer: LadderLM, data: TokenData, n: int, length: int, seed: int = 0) -> dict:
+    """Quality of n samples of the model and of the scorer's own samples, both scored by the scorer,
+    beside the same metrics on n held-out stretches of the validation split (the reference)."""
+    eot = data.tokenizer.eot_id
+    val = torch.from_numpy(np.asarray(data.val[: (len(data.val) // length) * length], dtype=np.int64)).view(-1, length)
+    picks = torch.linspace(0, len(val) - 1, min(n, len(val))).long()  # evenly spread, deterministic
+    return {
+        "samples": n,
+        "length": length,
+        "seed": seed,
+        "model": text_quality(sample(model, n, length, eot, seed), scorer, eot),
+        "scorer": text_quality(sample(scorer, n, length, eot, seed), scorer, eot),
+        "data": text_quality(val[picks], scorer, eot),
     }

@@ -144,12 +144,15 @@ class LadderLM(nn.Module):
         h, state = self.backbone(x.reshape(B, P, S * E), state)
         return self.out_norm(h.view(B, P, S, E)), state
 
+    def inputs(self, idx: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Teacher-forced inputs (B, L, S, E) of the L = T + S - 1 positions over windows idx (B, T)."""
+        positions = torch.arange(idx.shape[1] + self.n_step - 1, device=idx.device)
+        return self.embed_slots(idx, positions, self.cfg.noise, generator)[0]
+
     def teacher_forced(self, idx: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Inputs and outputs (B, L, S, E) of the L = T + S - 1 positions over windows idx (B, T)."""
-        B, T = idx.shape
-        x, _ = self.embed_slots(idx, torch.arange(T + self.n_step - 1, device=idx.device), self.cfg.noise, generator)
-        y, _ = self.run(x, self.empty_state(B, idx.device))
-        return x, y
+        """Inputs and outputs (B, L, S, E) of one pass over teacher-forced inputs."""
+        x = self.inputs(idx, generator)
+        return x, self.run(x, self.empty_state(idx.shape[0], idx.device))[0]
 
     def rollout(self, x: Tensor, y: Tensor, steps: int) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
@@ -171,11 +174,32 @@ class LadderLM(nn.Module):
             outs.append(y)
         return outs
 
+    def unrolled(self, x: Tensor) -> Tensor:
+        """Outputs (B, L, S, E) of the last of `train_passes` passes over teacher-forced inputs x.
+
+        The first pass reads x, or with first_pass = "blank" zeros in the slots of tokens not
+        emitted yet; every later pass fills those slots from the previous outputs as the sampler
+        does (`rollout`). A blank start leaks no future token into any pass, and after S passes
+        every rung's input has been refined as many times as the sampler refines it. Gradients
+        flow through the last `grad_passes` passes (0: all). With S = 1 nothing is ever fed
+        back: one pass, the GPT's.
+        """
+        cfg, S = self.cfg, self.n_step
+        passes = 1 if S == 1 else cfg.train_passes or S
+        blank = cfg.first_pass == "blank" and S > 1  # one rung holds only known tokens: nothing to blank
+        n_graph = passes if cfg.grad_passes == 0 else min(cfg.grad_passes, passes)
+        y = torch.zeros_like(x)
+        for k in range(passes):  # the first one reads x itself unless blank
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - n_graph):
+                y = self.rollout(x, y, 1)[-1] if blank or k else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+        return y
+
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss."""
-        x, y = self.teacher_forced(idx, generator)
+        x = self.inputs(idx, generator)
+        y = self.unrolled(x)
         logits = self.lm_head(y)
         if targets is None:
             return logits, None

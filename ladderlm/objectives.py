@@ -65,8 +65,10 @@ def ladder_loss(
 ) -> Tensor:
     """Weighted mean cross-entropy over real slots + latent_loss_scale * relative latent MSE of feed(y)."""
     slot_tgt, real = slot_targets(targets, cfg.n_step)
-    if cfg.ce_rungs == "all" and cfg.ce_weighting == "uniform":  # the plain mean, fused
+    if cfg.ce_weighting == "uniform" and (cfg.ce_rungs == "all" or cfg.n_step == 1):  # the plain mean, fused
         loss = F.cross_entropy(logits.flatten(0, -2).float(), slot_tgt.flatten(), ignore_index=-100)
+    elif cfg.ce_weighting == "uniform":  # the clean rung's plain mean
+        loss = F.cross_entropy(logits[:, :, -1].flatten(0, -2).float(), slot_tgt[:, :, -1].flatten(), ignore_index=-100)
     else:
         w = rung_weights(cfg, alpha) * real  # (L, S)
         loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / (w.sum() * targets.shape[0])

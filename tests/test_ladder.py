@@ -172,10 +172,14 @@ def test_losses_by_config():
     model = tiny_model(n_step=3, vocab_size=9)
     idx, tgt = torch.randint(9, (2, 6)), torch.randint(9, (2, 6))
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    model.cfg.ce_rungs = "all"
     logits, loss_all = model(idx, tgt, generator=g())
     model.cfg.ce_rungs = "clean"
     _, loss_clean = model(idx, tgt, generator=g())
     assert torch.allclose(loss_clean, F.cross_entropy(logits[:, 2:, 2].flatten(0, 1), tgt.flatten()))
+    model.cfg.ce_weighting = "alpha"  # the weighted path: one rung's weights normalise away
+    assert torch.allclose(model(idx, tgt, generator=g())[1], loss_clean)
+    model.cfg.ce_weighting = "uniform"
     model.cfg.ce_rungs = "all"
     model.cfg.latent_loss_scale = 2.0
     _, loss_latent = model(idx, tgt, generator=g())

@@ -4,7 +4,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import AttentionBackbone
+from .ssm import SSMBackbone
 
 
 def build_backbone(cfg: ModelConfig, n_positions: int) -> nn.Module:
-    return {"attention": AttentionBackbone}[cfg.backbone](cfg, n_positions)
+    return {"attention": AttentionBackbone, "ssm": SSMBackbone}[cfg.backbone](cfg, n_positions)

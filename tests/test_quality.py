@@ -1,0 +1,112 @@
+"""Training on the sampler's own inputs (train_passes), sample-quality metrics and the figures."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ladderlm.cli import main
+from ladderlm.config import load_config
+from ladderlm.errors import LadderError
+from ladderlm.evaluate import distinct_n, repeat_rate
+from ladderlm.sampling import decode
+
+from .conftest import tiny_model, train_args
+from .test_cli import run_bad
+
+
+@pytest.mark.parametrize("n_step", [1, 2, 4])
+def test_blank_start_passes_over_the_window_are_the_sampler(n_step):
+    """With a blank first pass and a pass per position, training computes exactly what free-running sampling does."""
+    T = 10
+    L = T + n_step - 1
+    model = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero", first_pass="blank", train_passes=L)
+    idx = torch.cat([torch.full((2, 1), 12), torch.randint(12, (2, T - 1))], 1)
+    x, _ = model.embed_slots(idx, torch.arange(L), "zero")  # the sampler's noise-free prompt slots
+    unrolled = model.clean_logits(model.unrolled(x)[:, n_step - 1 :])  # (2, T, V), entry i predicts idx[i + 1]
+    seen = []
+
+    def pick(logits, i):
+        seen.append(logits)
+        return idx[:, i + 1] if i + 1 < T else logits.argmax(-1)
+
+    decode(model, idx[:, :1], T, pick)
+    assert (unrolled - torch.stack(seen, 1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("passes", [1, 2, 4])
+def test_blank_start_leaks_no_future_token(passes):
+    """Every output at position p reads tokens <= p - S + 1 only (the clean rung's token), for any number of passes."""
+    S, T, k = 4, 12, 6
+    model = tiny_model(S, vocab_size=13, block_size=16, first_pass="blank", train_passes=passes)
+    idx = torch.randint(13, (2, T))
+    changed = idx.clone()
+    changed[:, k] = (idx[:, k] + 1) % 13
+    gen = [torch.Generator().manual_seed(0) for _ in range(2)]
+    a, b = model(idx, generator=gen[0])[0], model(changed, generator=gen[1])[0]  # (2, L, S, V)
+    assert (a[:, : k + S - 1] - b[:, : k + S - 1]).abs().max() < 1e-6
+    assert (a[:, k + S - 1] - b[:, k + S - 1]).abs().max() > 1e-4  # ... and does read the clean rung's token
+    # the seed's single teacher-forced pass reads noised future tokens
+    seed = tiny_model(S, vocab_size=13, block_size=16, first_pass="truth", train_passes=1)
+    gen = [torch.Generator().manual_seed(0) for _ in range(2)]
+    assert (seed(idx, generator=gen[0])[0][:, k] - seed(changed, generator=gen[1])[0][:, k]).abs().max() > 1e-4
+
+
+def test_gradient_through_the_last_pass_only():
+    torch.manual_seed(0)
+    idx, targets = torch.randint(11, (2, 8)), torch.randint(11, (2, 8))
+    grads = {}
+    for mode in (0, 1):
+        model = tiny_model(3, first_pass="blank", train_passes=3, grad_passes=mode).train()
+        loss = model(idx, targets, generator=torch.Generator().manual_seed(1))[1]
+        loss.backward()
+        grads[mode] = (loss.item(), model.backbone.blocks[0].attn.qkv.weight.grad.clone())
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)  # the same forward
+    assert (grads[0][1] - grads[1][1]).abs().max() > 1e-6  # backpropagation through time differs
+
+
+def test_pass_config_is_validated():
+    with pytest.raises(LadderError, match="train_passes and model.grad_passes must be >= 0"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["model.train_passes=-1"])
+    for passes in ("0", "2"):  # 0 means n_step passes
+        with pytest.raises(LadderError, match="use one of them"):
+            load_config("shakespeare-char-cpu-ladder4", overrides=[f"model.train_passes={passes}", "nextlat.horizon=1"])
+    assert load_config("shakespeare-char-cpu", overrides=["model.train_passes=0", "nextlat.horizon=1"])  # GPT: nothing fed
+    with pytest.raises(LadderError, match="first_pass must be one of"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["model.first_pass=noise"])
+
+
+def test_distinct_and_repeats():
+    loop = torch.tensor([[1, 2] * 10])
+    assert distinct_n(loop, 2) == pytest.approx(2 / 19) and repeat_rate(loop) == pytest.approx(11 / 13)
+    fresh = torch.arange(20)[None]
+    assert distinct_n(fresh, 3) == 1.0 and repeat_rate(fresh) == 0.0
+
+
+def test_eval_samples_scorer_and_plots(tmp_path, run_dir, data_dir, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    argv = ["eval", "--ckpt", str(run), "--data", str(data_dir), "--json", "--rows", "4"]
+    assert main([*argv, "--samples", "3", "--sample-length", "24", "--scorer", str(run_dir), "--save"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    quality = result["sample_quality"]
+    assert set(quality) == {"samples", "length", "seed", "model", "scorer", "data"}
+    for who in ("model", "scorer", "data"):
+        assert quality[who]["gen_ppl"] > 1 and 0 < quality[who]["distinct_3"] <= 1 and 0 <= quality[who]["repeat_rate"] < 1
+    assert quality["model"] == quality["scorer"]  # the same weights, the same seeds
+    assert result["gen_ppl"] == quality["model"]["gen_ppl"]
+    assert json.loads((run / "eval.json").read_text())["sample_quality"] == quality
+    for kind in ("losses", "rungs", "free-vs-tf"):
+        out = tmp_path / f"{kind}.png"
+        assert main(["plot", str(run), "--kind", kind, "--out", str(out)]) == 0
+        assert out.read_bytes()[:4] == b"\x89PNG"
+    no_eval = ["plot", str(run_dir), "--kind", "rungs", "--out", str(tmp_path / "x.png")]
+    run_bad(capsys, no_eval, run_dir, match="has no eval.json")
+    run_bad(capsys, [*argv, "--samples", "-1"], run, match="--samples")
+
+
+def test_train_with_passes(tmp_path, data_dir):
+    passes = ["--set", "model.n_step=2", "--set", "model.train_passes=2", "--set", "model.first_pass=blank"]
+    assert main(train_args(data_dir, tmp_path / "r", *passes, "--set", "train.max_iters=4")) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["train_passes"] == 2
