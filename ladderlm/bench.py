@@ -6,6 +6,7 @@ Every figure is the median of `repeats` timed runs after one warm-up run.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -39,14 +40,15 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def train_flops_per_token(model: LadderLM) -> float:
-    """nanoGPT's estimate: 6 N (weights, without position embeddings) plus attention's 12 L C T.
-
-    For the SSM backbone only the 6 N of its weights: its scan's own FLOPs are not counted."""
+    """nanoGPT's estimate per pass: 6 N (weights, without position embeddings) plus attention's 12 L C T;
+    a pass without gradients counts a third (its forward). For the SSM backbone only the 6 N of
+    its weights: its scan's own FLOPs are not counted."""
     m = model.cfg
-    if m.backbone != "attention":
-        return 6 * model.num_params()
-    n_params = model.num_params() - model.backbone.wpe.weight.numel()
-    return 6 * n_params + 12 * m.n_layer * m.n_embd * model.n_positions
+    passes, with_grad = model.pass_counts
+    per_pass = 6 * model.num_params()
+    if m.backbone == "attention":
+        per_pass = 6 * (model.num_params() - model.backbone.wpe.weight.numel()) + 12 * m.n_layer * m.n_embd * model.n_positions
+    return per_pass * (with_grad + (passes - with_grad) / 3)
 
 
 def train_tokens_per_s(model: LadderLM, cfg: Config, repeats: int, steps: int = 5) -> float:
@@ -131,6 +133,10 @@ def run_bench(
     p = prompts(2)
     diff = (first_logits(ladder, p, 8, True) - first_logits(ladder, p, 8, False)).abs().max().item()
     train_rate = {name: train_tokens_per_s(model, cfg, repeats) for name, model in models.items()}
+    one_pass = dataclasses.replace(ladder.cfg, train_passes=1, first_pass="truth")  # the seed's single teacher-forced pass
+    ladder.cfg, recipe = one_pass, ladder.cfg
+    train_rate["ladder_one_pass"] = train_tokens_per_s(ladder, cfg, repeats)
+    ladder.cfg = recipe
     peak = matmul_peak_flops()
     short = prompts(1)[:, :65]  # the foundation's figure: 64-token prompt, 256 new tokens, the GPT
     cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
@@ -159,6 +165,7 @@ def run_bench(
             "prefill_phased_over_gpt": prefill["ladder_phased"] / prefill["gpt"],
             "decode_ladder_over_gpt": decode_rate["ladder"] / decode_rate["gpt"],
             "train_ladder_over_gpt": train_rate["ladder"] / train_rate["gpt"],
+            "train_ladder_one_pass_over_gpt": train_rate["ladder_one_pass"] / train_rate["gpt"],
         },
         "matmul_peak_gflops": peak / 1e9,
         "train_fraction_of_matmul_peak": {

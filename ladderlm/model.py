@@ -174,6 +174,12 @@ class LadderLM(nn.Module):
             outs.append(y)
         return outs
 
+    @property
+    def pass_counts(self) -> tuple[int, int]:
+        """Backbone passes per training step, and how many of them (the last ones) carry gradients."""
+        passes = 1 if self.n_step == 1 else self.cfg.train_passes or self.n_step
+        return passes, passes if self.cfg.grad_passes == 0 else min(self.cfg.grad_passes, passes)
+
     def unrolled(self, x: Tensor) -> Tensor:
         """Outputs (B, L, S, E) of the last of `train_passes` passes over teacher-forced inputs x.
 
@@ -184,10 +190,8 @@ class LadderLM(nn.Module):
         flow through the last `grad_passes` passes (0: all). With S = 1 nothing is ever fed
         back: one pass, the GPT's.
         """
-        cfg, S = self.cfg, self.n_step
-        passes = 1 if S == 1 else cfg.train_passes or S
-        blank = cfg.first_pass == "blank" and S > 1  # one rung holds only known tokens: nothing to blank
-        n_graph = passes if cfg.grad_passes == 0 else min(cfg.grad_passes, passes)
+        passes, n_graph = self.pass_counts
+        blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
         y = torch.zeros_like(x)
         for k in range(passes):  # the first one reads x itself unless blank
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - n_graph):
