@@ -44,12 +44,14 @@ def test_phased_equals_naive(n_step, lengths):
     assert (phased_logits - naive_logits).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("backbone", ["attention", "ssm"])
 @pytest.mark.parametrize("n_step", [1, 3])
-def test_a_row_in_a_batch_decodes_as_it_would_alone(n_step):
+def test_a_row_in_a_batch_decodes_as_it_would_alone(n_step, backbone):
     """Left padding is exact: each row of a mixed batch matches its own unbatched run.
 
     (Until the window slides: in a batch all rows slide when the longest one fills it.)"""
-    model = tiny_model(n_step=n_step, vocab_size=EOT + 1, block_size=24, prompt_noise="zero")
+    ssm = {"ssm_state": 8, "ssm_head_dim": 8, "ssm_chunk": 8} if backbone == "ssm" else {}
+    model = tiny_model(n_step=n_step, vocab_size=EOT + 1, block_size=24, prompt_noise="zero", backbone=backbone, **ssm)
     prompts = prompts_of([0, 3, 11])
     batch, batch_logits = run(model, prompts, 12, parallel=True, temperature=0)
     for r, prompt in enumerate(prompts):
