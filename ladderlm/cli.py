@@ -135,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from . import checkpoint
     from .data import TokenData
     from .distributed import resolve_device
-    from .evaluate import evaluate
+    from .evaluate import evaluate, sample_quality
 
     if args.rows < 1 or args.batch_size < 1:
         raise LadderError("--rows and --batch-size must be >= 1")
@@ -146,15 +146,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
     if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
         raise LadderError(f"{args.ckpt} was trained with another tokenizer than the one in {args.data}")
+    if args.samples and args.sample_length > len(data.val):
+        raise LadderError(f"--sample-length {args.sample_length} exceeds the validation split ({len(data.val)} tokens)")
+    scorer = model
+    if args.scorer:  # loaded and checked before the long evaluation, not after it
+        scorer = checkpoint.load(args.scorer, resolve_device(args.device))[0]
+        if json.loads((checkpoint.resolve(args.scorer) / "tokenizer.json").read_text()) != ckpt_tok:
+            raise LadderError(f"scorer {args.scorer} was trained with another tokenizer than {args.ckpt}")
     result = evaluate(model, data, args.rows, args.batch_size)
     if args.samples:
-        from .evaluate import sample_quality
-
-        scorer = model
-        if args.scorer:
-            scorer, _, scorer_tok = checkpoint.load(args.scorer, resolve_device(args.device))
-            if json.loads((checkpoint.resolve(args.scorer) / "tokenizer.json").read_text()) != ckpt_tok:
-                raise LadderError(f"scorer {args.scorer} was trained with another tokenizer than {args.ckpt}")
         quality = sample_quality(model, scorer, data, args.samples, args.sample_length, args.seed)
         result.update(quality["model"], sample_quality=quality)
     if args.save:

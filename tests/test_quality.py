@@ -104,6 +104,7 @@ def test_eval_samples_scorer_and_plots(tmp_path, run_dir, data_dir, capsys):
     no_eval = ["plot", str(run_dir), "--kind", "rungs", "--out", str(tmp_path / "x.png")]
     run_bad(capsys, no_eval, run_dir, match="has no eval.json")
     run_bad(capsys, [*argv, "--samples", "-1"], run, match="--samples")
+    run_bad(capsys, [*argv, "--samples", "2", "--sample-length", "100000"], run, match="exceeds the validation split")
 
 
 def test_train_with_passes(tmp_path, data_dir):
