@@ -23,6 +23,12 @@ def dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()  # no dropout call per layer when it is off
 
 
+def row_pads(batch_size: int, device: torch.device | str, pad: Tensor | None) -> tuple[Tensor, bool]:
+    """Left-pad slots per row (B,) on `device` (none by default) and whether any row has some."""
+    ragged = pad is not None and bool(pad.any())
+    return (torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)), ragged
+
+
 class KVBuffer:
     """Keys and values (B, H, capacity, D) of one layer, shared by states that extend one another.
 
@@ -147,8 +153,7 @@ class AttentionBackbone(nn.Module):
         """
         C = self.wpe.embedding_dim
         empty = torch.zeros(batch_size, self.n_head, 0, C // self.n_head, device=device, dtype=dtype)
-        ragged = pad is not None and bool(pad.any())
-        pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        pad, ragged = row_pads(batch_size, device, pad)
         return KVState(tuple(KVBuffer(empty, empty, 0) for _ in self.blocks), 0, pad, ragged, reserve)
 
     def forward(self, x: Tensor, state: KVState) -> tuple[Tensor, KVState]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import LadderError
-from .attention import MLP, dropout
+from .attention import MLP, dropout, row_pads
 
 
 @functools.cache
@@ -232,8 +232,7 @@ class SSMBackbone(nn.Module):
         mixers = [block.mixer for block in self.blocks]
         conv = tuple(torch.zeros(batch_size, m.conv.kernel_size[0] - 1, m.conv_dim, device=device, dtype=dtype) for m in mixers)
         ssm = tuple(torch.zeros(batch_size, m.n_heads, m.head_dim, m.d_state, device=device, dtype=dtype) for m in mixers)
-        ragged = pad is not None and bool(pad.any())
-        pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        pad, ragged = row_pads(batch_size, device, pad)
         return SSMState(conv, ssm, 0, pad, ragged)
 
     def forward(self, x: Tensor, state: SSMState) -> tuple[Tensor, SSMState]:
