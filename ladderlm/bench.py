@@ -1,7 +1,9 @@
 """Speed with random weights, ladder against the GPT of the same widths and depths.
 
 The `ssm_*` entries are the same two models with the SSM backbone (`model.backbone = "ssm"`).
-Every figure is the median of `repeats` timed runs after one warm-up run.
+Every figure is the median of `repeats` timed runs after one warm-up run. Figures that are
+compared in a ratio are timed in interleaved rounds (one run of each per round), so that a
+drift in the machine's speed during the bench moves both sides of the ratio alike.
 """
 
 from __future__ import annotations
@@ -22,15 +24,20 @@ from .train import make_optimizer
 BENCH_VOCAB = 65  # tiny Shakespeare's characters
 
 
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn over `repeats` rounds that run every fn once, after `warmup` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_times({"fn": fn}, repeats, warmup)["fn"]
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -119,17 +126,31 @@ def run_bench(
     def prompts(batch: int) -> torch.Tensor:
         return torch.randint(BENCH_VOCAB, (batch, prompt_len + 1), generator=g, device=device)
 
-    def timed(model: LadderLM, batch: int, new: int, parallel: bool = True) -> float:
+    def prefill_and_decode(model: LadderLM, batch: int, new: int, parallel: bool = True) -> Callable[[], object]:
         p = prompts(batch)
-        return median_seconds(lambda: decode(model, p, new, greedy, parallel_prefill=parallel), repeats)
+        return lambda: decode(model, p, new, greedy, parallel_prefill=parallel)
 
-    prefill = {"ladder_phased": timed(ladder, 1, 1), "ladder_naive": timed(ladder, 1, 1, parallel=False), "gpt": timed(gpt, 1, 1)}
-    decode_rate = {}
-    for name, model in models.items():
-        for batch, key in ((1, name), (8, f"{name}_batch8")):
-            total = timed(model, batch, n_new)
-            first = prefill[name if name == "gpt" else "ladder_phased"] if batch == 1 else timed(model, batch, 1)
-            decode_rate[key] = batch * (n_new - 1) / (total - first)
+    def decode_rates(pair: dict[str, LadderLM], batch: int, rounds: int) -> dict[str, float]:
+        """Tokens/s after the first token: (time to n_new tokens - time to the first) per emitted token."""
+        fns = {}
+        for name, model in pair.items():
+            fns[f"{name}:first"] = prefill_and_decode(model, batch, 1)
+            fns[f"{name}:all"] = prefill_and_decode(model, batch, n_new)
+        t = median_times(fns, rounds)
+        return {name: batch * (n_new - 1) / (t[f"{name}:all"] - t[f"{name}:first"]) for name in pair}
+
+    # Prefill is short and the ratio bar is tight: more rounds than the other figures.
+    prefill_rounds = 4 * repeats
+    prefill = median_times(
+        {
+            "ladder_phased": prefill_and_decode(ladder, 1, 1),
+            "ladder_naive": prefill_and_decode(ladder, 1, 1, parallel=False),
+            "gpt": prefill_and_decode(gpt, 1, 1),
+        },
+        prefill_rounds,
+    )
+    decode_rate = decode_rates(models, 1, repeats)
+    decode_rate |= {f"{name}_batch8": rate for name, rate in decode_rates(models, 8, repeats).items()}
     p = prompts(2)
     diff = (first_logits(ladder, p, 8, True) - first_logits(ladder, p, 8, False)).abs().max().item()
     train_rate = {name: train_tokens_per_s(model, cfg, repeats) for name, model in models.items()}
@@ -142,9 +163,9 @@ def run_bench(
     cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
     recompute_s = median_seconds(lambda: recompute_decode(gpt, short, n_new, greedy), repeats)
     # The SSM models last, so that the attention figures above see the same prompts as without them.
-    prefill |= {"ssm_ladder_phased": timed(ssm["ssm_ladder"], 1, 1), "ssm_gpt": timed(ssm["ssm_gpt"], 1, 1)}
-    for name, model in ssm.items():  # batch 1
-        decode_rate[name] = (n_new - 1) / (timed(model, 1, n_new) - prefill[name if name == "ssm_gpt" else "ssm_ladder_phased"])
+    ssm_prefill = median_times({name: prefill_and_decode(model, 1, 1) for name, model in ssm.items()}, prefill_rounds)
+    prefill |= {"ssm_ladder_phased": ssm_prefill["ssm_ladder"], "ssm_gpt": ssm_prefill["ssm_gpt"]}
+    decode_rate |= decode_rates(ssm, 1, repeats)
     ssm_diff = (first_logits(ssm["ssm_ladder"], p, 8, True) - first_logits(ssm["ssm_ladder"], p, 8, False)).abs().max().item()
     train_rate |= {name: train_tokens_per_s(model, cfg, repeats) for name, model in ssm.items()}
     return {

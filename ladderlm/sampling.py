@@ -63,9 +63,10 @@ def decode(
     Prompts of different lengths are left-padded so that every row goes through the phases in
     step: phase i, one parallel pass over the prompt positions (known tokens and pads only);
     phase ii, S - 1 single steps mixing prompt slots with the model's outputs; phase iii, one
-    token per step. Known tokens enter their slots noised as `model.prompt_noise` says; slots of
-    tokens not emitted yet take `model.fill` of the previous outputs. parallel_prefill=False
-    computes the prompt positions one at a time: the reference path. With `eot_id`, a row that
+    token per step. Known tokens enter their slots noised as `model.prompt_noise` says (those of
+    phases i and ii embedded in one call); slots of tokens not emitted yet take `model.fill` of
+    the previous outputs. parallel_prefill=False runs the backbone over the prompt positions one
+    at a time: the reference path. With `eot_id`, a row that
     emits it is finished (it emits eot_id from then on) and decoding stops once all are.
     With slide=False decoding stops when the window is full instead of sliding it.
     Returns (N, n_emitted) tokens.
@@ -76,29 +77,34 @@ def decode(
     out = torch.empty(N, n_new, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     draws, pad = torch.empty(0), torch.empty(0)
+    prefix, prefix_given = torch.empty(0), torch.empty(0)  # known slots of phases i and ii, set by restart
 
     def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
-        at = torch.arange(c, c + 1, device=device)
-        # Rungs s >= c - n_known + 1 hold known tokens; below the clean rung they take prompt noise.
-        noise = model.prompt_noise if c - n_known + 1 < S - 1 else "zero"
-        x, given = model.embed_slots(ctx[:, :n_known], at, noise, draws=draws[:, c : c + 1], first=pad)
+        if c < prefix.shape[1]:
+            x, given = prefix[:, c : c + 1], prefix_given[c : c + 1]
+        else:  # phase iii: the clean rung holds the only known token
+            x, given = model.embed_slots(ctx[:, :n_known], torch.arange(c, c + 1, device=device), "zero", first=pad)
         if c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
             x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
         y, state = model.run(x, state)
         return y[:, -1], state
 
     def restart(rows: Sequence[Tensor]) -> tuple[int, Tensor, object]:
-        nonlocal draws, pad
+        nonlocal draws, pad, prefix, prefix_given
         window, pad = left_pad(rows, fill=0)
         # One Gaussian per noisy slot of the window, drawn up front: a slot gets the same noise
         # whether its position is computed in the parallel prefill or in a single step.
         draws = torch.randn(N, model.n_positions, S - 1, model.rung_dim, generator=generator, device=device)
         w = window.shape[1]
         ctx[:, :w] = window
+        # The known slots of the prompt positions (phase i) and of the S - 1 positions after them
+        # (phase ii, which mix known tokens with the model's outputs), embedded in one call.
+        prefix, prefix_given = model.embed_slots(
+            window, torch.arange(w + S - 1, device=device), model.prompt_noise, draws=draws[:, : w + S - 1], first=pad
+        )
         state = model.empty_state(N, device, pad, reserve=model.n_positions)
         if parallel_prefill:
-            x, _ = model.embed_slots(window, torch.arange(w, device=device), model.prompt_noise, draws=draws[:, :w], first=pad)
-            y, state = model.run(x, state)
+            y, state = model.run(prefix[:, :w], state)
             return w, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # never read: prompt slots are all known
         for c in range(w):
