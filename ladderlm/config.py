@@ -42,6 +42,7 @@ class ModelConfig:
     train_passes: int = 0  # passes per training step (0: n_step); later ones feed slots not emitted yet as the sampler does
     first_pass: str = "blank"  # what the first pass puts in slots not emitted yet: nothing, or the noised truth (the seed)
     grad_passes: int = 0  # backpropagate through the last this many passes (0: all); earlier ones run without a graph
+    train_prompts: float = 0.0  # fraction of training windows that open with a random prompt, fed as the sampler feeds one
 
 
 @dataclass
@@ -246,6 +247,8 @@ def validate(cfg: Config) -> Config:
             "model.train_passes and model.grad_passes must be >= 0 (0: n_step passes, all passes), "
             f"got {m.train_passes}, {m.grad_passes}"
         )
+    if not 0.0 <= m.train_prompts <= 1.0:
+        raise LadderError(f"model.train_prompts must be in [0, 1], got {m.train_prompts}")
     if not 0.0 <= m.gamma < 1.0:
         raise LadderError(f"model.gamma must be in [0, 1), got {m.gamma}")
     if m.latent_loss_scale < 0:

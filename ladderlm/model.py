@@ -154,22 +154,24 @@ class LadderLM(nn.Module):
         x = self.inputs(idx, generator)
         return x, self.run(x, self.empty_state(idx.shape[0], idx.device))[0]
 
-    def rollout(self, x: Tensor, y: Tensor, steps: int) -> list[Tensor]:
+    def rollout(self, x: Tensor, y: Tensor, steps: int, known: Tensor | int = 1) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
 
-        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung, of the start
-        token and of pads, and fills every other slot (a token the sampler would not have emitted
-        yet) from the previous pass's outputs one position back, `fill(y[p - 1, s])`. Pass k then
-        equals the free-running sampler (true tokens on the clean rung) at positions 0..k, with
-        one batched backbone pass per step. Returns the outputs (B, L, S, E) of every pass.
+        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung, of the known
+        tokens (the first `known` of each window, (B,): the start token, or a prompt) and of pads,
+        and fills every other slot (a token the sampler would not have emitted yet) from the
+        previous pass's outputs one position back, `fill(y[p - 1, s])`. Pass k then equals the
+        free-running sampler (true tokens on the clean rung) at positions 0..k, with one batched
+        backbone pass per step. Returns the outputs (B, L, S, E) of every pass.
         """
         B, L, S, E = x.shape
         j = ladder.slot_tokens(torch.arange(L, device=x.device), S)  # (L, S)
-        fed = (j >= 1) & (torch.arange(S, device=x.device) < S - 1)  # not emitted yet at that position
+        known = known[:, None, None] if isinstance(known, Tensor) else known
+        fed = (j >= known) & (torch.arange(S, device=x.device) < S - 1)  # (L, S) or (B, L, S): not emitted yet there
         outs = []
         for _ in range(steps):
             fills = self.fill(y[:, :-1].reshape(-1, S, E)).view(B, L - 1, S, E)
-            x_k = torch.where(fed[1:, :, None], fills, x[:, 1:])
+            x_k = torch.where(fed[..., 1:, :, None], fills, x[:, 1:])
             y, _ = self.run(torch.cat([x[:, :1], x_k], 1), self.empty_state(B, x.device))
             outs.append(y)
         return outs
@@ -180,30 +182,50 @@ class LadderLM(nn.Module):
         passes = 1 if self.n_step == 1 else self.cfg.train_passes or self.n_step
         return passes, passes if self.cfg.grad_passes == 0 else min(self.cfg.grad_passes, passes)
 
-    def unrolled(self, x: Tensor) -> Tensor:
+    def unrolled(self, x: Tensor, known: Tensor | int = 1) -> Tensor:
         """Outputs (B, L, S, E) of the last of `train_passes` passes over teacher-forced inputs x.
 
         The first pass reads x, or with first_pass = "blank" zeros in the slots of tokens not
         emitted yet; every later pass fills those slots from the previous outputs as the sampler
-        does (`rollout`). A blank start leaks no future token into any pass, and after S passes
-        every rung's input has been refined as many times as the sampler refines it. Gradients
-        flow through the last `grad_passes` passes (0: all). With S = 1 nothing is ever fed
-        back: one pass, the GPT's.
+        does (`rollout`; the first `known` tokens of each window are given). A blank start leaks
+        no future token into any pass, and after S passes every rung's input has been refined as
+        many times as the sampler refines it. Gradients flow through the last `grad_passes`
+        passes (0: all). With S = 1 nothing is ever fed back: one pass, the GPT's.
         """
         passes, n_graph = self.pass_counts
         blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
         y = torch.zeros_like(x)
         for k in range(passes):  # the first one reads x itself unless blank
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - n_graph):
-                y = self.rollout(x, y, 1)[-1] if blank or k else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+                y = self.rollout(x, y, 1, known)[-1] if blank or k else self.run(x, self.empty_state(x.shape[0], x.device))[0]
         return y
+
+    def prompt_lengths(self, idx: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Known tokens at the start of each training window (B,): the start token alone, or, for a
+        `train_prompts` fraction of the windows, a prompt of 1..T tokens (uniform)."""
+        B, T = idx.shape
+        if self.cfg.train_prompts == 0:  # draws nothing: recipes without prompts keep their random streams
+            return torch.ones(B, dtype=torch.long, device=idx.device)
+        prompted = torch.rand(B, generator=generator, device=idx.device) < self.cfg.train_prompts
+        return torch.where(prompted, torch.randint(1, T + 1, (B,), generator=generator, device=idx.device), 1)
+
+    def window(
+        self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Teacher-forced inputs x and trained outputs y (B, L, S, E) over windows idx (B, T), and the
+        targets the loss counts: a prompt's own tokens are given, not predicted (-100)."""
+        x = self.inputs(idx, generator)
+        known = self.prompt_lengths(idx, generator)
+        y = self.unrolled(x, known)
+        if targets is not None:
+            targets = targets.masked_fill(torch.arange(idx.shape[1], device=idx.device) < known[:, None] - 1, -100)
+        return x, y, targets
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss."""
-        x = self.inputs(idx, generator)
-        y = self.unrolled(x)
+        x, y, targets = self.window(idx, targets, generator)
         logits = self.lm_head(y)
         if targets is None:
             return logits, None

@@ -70,8 +70,8 @@ def ladder_loss(
     elif cfg.ce_weighting == "uniform":  # the clean rung's plain mean
         loss = F.cross_entropy(logits[:, :, -1].flatten(0, -2).float(), slot_tgt[:, :, -1].flatten(), ignore_index=-100)
     else:
-        w = rung_weights(cfg, alpha) * real  # (L, S)
-        loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / (w.sum() * targets.shape[0])
+        w = rung_weights(cfg, alpha) * (slot_tgt != -100)  # (B, L, S)
+        loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / w.sum()
     if cfg.latent_loss_scale > 0:
         loss = loss + cfg.latent_loss_scale * relative_latent_error(feed(y), x, real)
     return loss

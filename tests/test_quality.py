@@ -17,22 +17,40 @@ from .test_cli import run_bad
 
 
 @pytest.mark.parametrize("n_step", [1, 2, 4])
-def test_blank_start_passes_over_the_window_are_the_sampler(n_step):
-    """With a blank first pass and a pass per position, training computes exactly what free-running sampling does."""
+@pytest.mark.parametrize("prompt", [1, 3, 7])
+def test_blank_start_passes_over_the_window_are_the_sampler(n_step, prompt):
+    """With a blank first pass and a pass per position, training computes exactly what free-running
+    sampling does, after the start token alone or after a prompt of known tokens."""
     T = 10
     L = T + n_step - 1
     model = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero", first_pass="blank", train_passes=L)
     idx = torch.cat([torch.full((2, 1), 12), torch.randint(12, (2, T - 1))], 1)
     x, _ = model.embed_slots(idx, torch.arange(L), "zero")  # the sampler's noise-free prompt slots
-    unrolled = model.clean_logits(model.unrolled(x)[:, n_step - 1 :])  # (2, T, V), entry i predicts idx[i + 1]
+    unrolled = model.unrolled(x, torch.tensor([prompt, prompt]))[:, n_step - 1 :]
+    unrolled = model.clean_logits(unrolled)[:, prompt - 1 :]  # (2, T - prompt + 1, V), entry i predicts idx[prompt + i]
     seen = []
 
     def pick(logits, i):
         seen.append(logits)
-        return idx[:, i + 1] if i + 1 < T else logits.argmax(-1)
+        return idx[:, prompt + i] if prompt + i < T else logits.argmax(-1)
 
-    decode(model, idx[:, :1], T, pick)
+    decode(model, idx[:, :prompt], T - prompt + 1, pick)
     assert (unrolled - torch.stack(seen, 1)).abs().max() < 1e-5
+
+
+def test_training_prompts_are_given_not_predicted():
+    """train_prompts: some windows open with a prompt; its tokens are fed as known and drop out of the loss."""
+    model = tiny_model(4, vocab_size=13, block_size=16, first_pass="blank", train_passes=2, train_prompts=1.0)
+    idx, targets = torch.randint(13, (64, 12)), torch.randint(13, (64, 12))
+    known = model.prompt_lengths(idx, torch.Generator().manual_seed(0))
+    assert known.min() >= 1 and known.max() <= 12 and len(known.unique()) > 6
+    _, _, counted = model.window(idx, targets, torch.Generator().manual_seed(0))
+    given = (counted == -100).sum(1)  # per window: a prefix of its targets, the prompt's tokens after the first
+    assert ((counted == -100) == (torch.arange(12) < given[:, None])).all() and len(given.unique()) > 6
+    assert (counted[counted != -100] == targets[counted != -100]).all()
+    assert (tiny_model(4, train_prompts=0.0).prompt_lengths(idx) == 1).all()  # the default: the start token alone
+    with pytest.raises(LadderError, match="train_prompts must be in"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["model.train_prompts=1.5"])
 
 
 @pytest.mark.parametrize("passes", [1, 2, 4])
