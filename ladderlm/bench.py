@@ -8,7 +8,6 @@ drift in the machine's speed during the bench moves both sides of the ratio alik
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -58,24 +57,32 @@ def train_flops_per_token(model: LadderLM) -> float:
     return per_pass * (with_grad + (passes - with_grad) / 3)
 
 
-def train_tokens_per_s(model: LadderLM, cfg: Config, repeats: int, steps: int = 5) -> float:
-    """Forward, backward and AdamW step on random batches: the bare loop, no data loading or logging."""
-    optimizer = make_optimizer(model, cfg)
-    t, device = cfg.train, model.wte.weight.device
-    x = torch.randint(model.cfg.vocab_size, (t.batch_size, model.cfg.block_size), device=device)
-    model.train()
+def train_tokens_per_s(models: dict[str, LadderLM], cfg: Config, repeats: int, steps: int = 5) -> dict[str, float]:
+    """Forward, backward and AdamW step on random batches, the models in alternating rounds: the bare
+    loop, no data loading or logging."""
+    t = cfg.train
+    tokens = steps * t.batch_size * models[next(iter(models))].cfg.block_size
 
-    def run() -> None:
-        for _ in range(steps):
-            _, loss = model(x, x)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def training(model: LadderLM) -> Callable[[], None]:
+        optimizer = make_optimizer(model, cfg)
+        x = torch.randint(model.cfg.vocab_size, (t.batch_size, model.cfg.block_size), device=model.wte.weight.device)
 
-    tokens_per_s = steps * t.batch_size * model.cfg.block_size / median_seconds(run, repeats)
-    model.eval()
-    return tokens_per_s
+        def run() -> None:
+            for _ in range(steps):
+                _, loss = model(x, x)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return run
+
+    for model in models.values():
+        model.train()
+    seconds = median_times({name: training(model) for name, model in models.items()}, repeats)
+    for model in models.values():
+        model.eval()
+    return {name: tokens / s for name, s in seconds.items()}
 
 
 @torch.inference_mode()
@@ -110,9 +117,9 @@ def run_bench(
     cfg.model.vocab_size = BENCH_VOCAB
     device = resolve_device(cfg.train.device)
 
-    def build(n_step: int, backbone: str) -> LadderLM:
+    def build(n_step: int, backbone: str, **keys) -> LadderLM:
         torch.manual_seed(0)
-        model_cfg = type(cfg.model)(**{**vars(cfg.model), "n_step": n_step, "backbone": backbone})
+        model_cfg = type(cfg.model)(**{**vars(cfg.model), "n_step": n_step, "backbone": backbone, **keys})
         if n_step == 1:
             model_cfg.latent_loss_scale = 0.0  # the GPT baseline trains on cross-entropy alone
         return LadderLM(model_cfg).to(device).eval()
@@ -153,11 +160,9 @@ def run_bench(
     decode_rate |= {f"{name}_batch8": rate for name, rate in decode_rates(models, 8, repeats).items()}
     p = prompts(2)
     diff = (first_logits(ladder, p, 8, True) - first_logits(ladder, p, 8, False)).abs().max().item()
-    train_rate = {name: train_tokens_per_s(model, cfg, repeats) for name, model in models.items()}
-    one_pass = dataclasses.replace(ladder.cfg, train_passes=1, first_pass="truth")  # the seed's single teacher-forced pass
-    ladder.cfg, recipe = one_pass, ladder.cfg
-    train_rate["ladder_one_pass"] = train_tokens_per_s(ladder, cfg, repeats)
-    ladder.cfg = recipe
+    # The ladder also with the seed's single teacher-forced pass per step, the cost of one pass.
+    one_pass = build(cfg.model.n_step, cfg.model.backbone, train_passes=1, first_pass="truth")
+    train_rate = train_tokens_per_s({**models, "ladder_one_pass": one_pass}, cfg, repeats)
     peak = matmul_peak_flops()
     short = prompts(1)[:, :65]  # the foundation's figure: 64-token prompt, 256 new tokens, the GPT
     cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
@@ -167,7 +172,7 @@ def run_bench(
     prefill |= {"ssm_ladder_phased": ssm_prefill["ssm_ladder"], "ssm_gpt": ssm_prefill["ssm_gpt"]}
     decode_rate |= decode_rates(ssm, 1, repeats)
     ssm_diff = (first_logits(ssm["ssm_ladder"], p, 8, True) - first_logits(ssm["ssm_ladder"], p, 8, False)).abs().max().item()
-    train_rate |= {name: train_tokens_per_s(model, cfg, repeats) for name, model in ssm.items()}
+    train_rate |= train_tokens_per_s(ssm, cfg, repeats)
     return {
         "preset": preset,
         "overrides": list(overrides),

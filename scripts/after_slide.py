@@ -1,0 +1,64 @@
+"""Free-running loss right after the window slides, where the sampler restarts from a prompt.
+
+    python scripts/after_slide.py DATA_DIR RUN_DIR [RUN_DIR ...] [--rows 64]
+
+`ladderlm eval` reads each validation row as one stream: the first window from the start token,
+every later one from a prompt (the start token and the last block_size // 2 known tokens) that
+the sampler prefills like any prompt. Per run this prints the free-running loss of the first
+window, of the later windows, and of the later windows' new tokens by quarter (the first quarter
+comes right after the prompt). A model that reads prompts as it reads its own outputs has no
+jump in the first quarter.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ladderlm import checkpoint
+from ladderlm.data import TokenData
+from ladderlm.evaluate import split_rows
+from ladderlm.sampling import context_keep, decode
+
+
+@torch.inference_mode()
+def token_losses(model, rows: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(R, n) cross-entropy of every token of the rows under the free-running sampler (eval's seed)."""
+    nll = torch.zeros(rows.shape)
+
+    def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
+        nll[:, i] = F.cross_entropy(logits.float(), rows[:, i], reduction="none")
+        return rows[:, i]
+
+    decode(model.eval(), torch.full((rows.shape[0], 1), eot_id), rows.shape[1], pick, generator=torch.Generator().manual_seed(0))
+    return nll
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--rows", type=int, default=64)
+    args = parser.parse_args()
+    data = TokenData.open(args.data)
+    rows, lengths = split_rows(np.asarray(data.val), args.rows)
+    index = torch.arange(rows.shape[1])
+    scored = index[None] < lengths[:, None]  # (R, n): the last row is padded
+    for run in args.runs:
+        model, cfg, _ = checkpoint.load(run)
+        block = cfg.model.block_size
+        stride = block - context_keep(block)  # new tokens per window after the first
+        nll = token_losses(model, rows, data.tokenizer.eot_id)
+        later = index >= block
+        quarter = ((index - block) % stride) * 4 // stride
+        parts = [~later, later, *(later & (quarter == q) for q in range(4))]
+        first, rest, *quarters = (float((nll * (scored & p)).sum() / (scored & p).sum()) for p in parts)
+        by_quarter = " ".join(f"{q:.4f}" for q in quarters)
+        print(f"{run}: first window {first:.4f}  later windows {rest:.4f}  by quarter after the prompt {by_quarter}")
+
+
+if __name__ == "__main__":
+    main()
