@@ -1,6 +1,6 @@
 """Free-running loss right after the window slides, where the sampler restarts from a prompt.
 
-    python scripts/after_slide.py DATA_DIR RUN_DIR [RUN_DIR ...] [--rows 64]
+    python scripts/after_slide.py DATA_DIR RUN_DIR [RUN_DIR ...] [--rows 64] [--set model.prompt_noise=zero]
 
 `ladderlm eval` reads each validation row as one stream: the first window from the start token,
 every later one from a prompt (the start token and the last block_size // 2 known tokens) that
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ladderlm import checkpoint
 from ladderlm.data import TokenData
+from ladderlm.errors import LadderError
 from ladderlm.evaluate import split_rows
 from ladderlm.sampling import context_keep, decode
 
@@ -42,13 +43,14 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--set", action="append", default=[], help="a sampling key, as `ladderlm eval --set`")
     args = parser.parse_args()
     data = TokenData.open(args.data)
     rows, lengths = split_rows(np.asarray(data.val), args.rows)
     index = torch.arange(rows.shape[1])
     scored = index[None] < lengths[:, None]  # (R, n): the last row is padded
     for run in args.runs:
-        model, cfg, _ = checkpoint.load(run)
+        model, cfg, _ = checkpoint.load(run, overrides=args.set)
         block = cfg.model.block_size
         stride = block - context_keep(block)  # new tokens per window after the first
         nll = token_losses(model, rows, data.tokenizer.eot_id)
@@ -61,4 +63,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LadderError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ladderlm import checkpoint, objectives
 from ladderlm.data import TokenData
+from ladderlm.errors import LadderError
 from ladderlm.sampling import decode
 
 
@@ -52,4 +53,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LadderError as e:
+        raise SystemExit(f"error: {e}") from None
