@@ -189,7 +189,10 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-SAMPLING_HELP = "change how the model samples: model.sample_fill=raw|renoise, model.prompt_noise=sample|zero"
+SAMPLING_HELP = (
+    "change how the model samples: model.sample_fill=raw|renoise, model.prompt_noise=sample|zero, "
+    "model.prompt_read=parallel|stream"
+)
 
 
 def build_parser() -> ArgumentParser:

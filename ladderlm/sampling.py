@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from . import ladder
 from .model import LadderLM
 
 Pick = Callable[[Tensor, int], Tensor]  # (clean-rung logits (N, V), index of the new token) -> tokens (N,)
@@ -66,7 +67,9 @@ def decode(
     token per step. Known tokens enter their slots noised as `model.prompt_noise` says (those of
     phases i and ii embedded in one call); slots of tokens not emitted yet take `model.fill` of
     the previous outputs. parallel_prefill=False runs the backbone over the prompt positions one
-    at a time: the reference path. With `eot_id`, a row that
+    at a time: the reference path. With `model.prompt_read = "stream"` the prompt is read as the
+    model reads its own tokens: each on the clean rung only, the rungs below it filled from the
+    model's outputs, one step per prompt token (no parallel phase i). With `eot_id`, a row that
     emits it is finished (it emits eot_id from then on) and decoding stops once all are.
     With slide=False decoding stops when the window is full instead of sliding it.
     Returns (N, n_emitted) tokens.
@@ -79,12 +82,14 @@ def decode(
     draws, pad = torch.empty(0), torch.empty(0)
     prefix, prefix_given = torch.empty(0), torch.empty(0)  # known slots of phases i and ii, set by restart
 
+    stream = model.cfg.prompt_read == "stream" and S > 1  # with one rung every prompt slot is a clean one
+
     def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
         if c < prefix.shape[1]:
-            x, given = prefix[:, c : c + 1], prefix_given[c : c + 1]
+            x, given = prefix[:, c : c + 1], prefix_given[..., c : c + 1, :]
         else:  # phase iii: the clean rung holds the only known token
             x, given = model.embed_slots(ctx[:, :n_known], torch.arange(c, c + 1, device=device), "zero", first=pad)
-        if c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
+        if stream or c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
             x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
         y, state = model.run(x, state)
         return y[:, -1], state
@@ -99,14 +104,16 @@ def decode(
         ctx[:, :w] = window
         # The known slots of the prompt positions (phase i) and of the S - 1 positions after them
         # (phase ii, which mix known tokens with the model's outputs), embedded in one call.
-        prefix, prefix_given = model.embed_slots(
-            window, torch.arange(w + S - 1, device=device), model.prompt_noise, draws=draws[:, : w + S - 1], first=pad
-        )
+        positions = torch.arange(w + S - 1, device=device)
+        prefix, prefix_given = model.embed_slots(window, positions, model.prompt_noise, draws=draws[:, : w + S - 1], first=pad)
+        if stream:  # the prompt's tokens enter on the clean rung only, as emitted tokens do (the start token and pads stay)
+            j = ladder.slot_tokens(positions, S)  # (P, S)
+            prefix_given = prefix_given & ((torch.arange(S, device=device) == S - 1) | (j <= pad[:, None, None]))  # (N, P, S)
         state = model.empty_state(N, device, pad, reserve=model.n_positions)
-        if parallel_prefill:
+        if parallel_prefill and not stream:
             y, state = model.run(prefix[:, :w], state)
             return w, y[:, -1], state
-        y_last = torch.zeros(N, S, model.rung_dim, device=device)  # never read: prompt slots are all known
+        y_last = torch.zeros(N, S, model.rung_dim, device=device)  # read by no slot: position 0 holds the start token and pads
         for c in range(w):
             y_last, state = step(c, w, y_last, state)
         return w, y_last, state

@@ -129,3 +129,33 @@ def test_train_with_passes(tmp_path, data_dir):
     passes = ["--set", "model.n_step=2", "--set", "model.train_passes=2", "--set", "model.first_pass=blank"]
     assert main(train_args(data_dir, tmp_path / "r", *passes, "--set", "train.max_iters=4")) == 0
     assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["train_passes"] == 2
+
+
+@pytest.mark.parametrize("n_step", [1, 2, 4])
+def test_stream_prompt_is_the_model_reading_its_own_tokens(n_step):
+    """prompt_read=stream: a batch of prompts gives the logits each row gets when the model is
+    started from the start token alone and its prompt tokens are emitted as if it had sampled them."""
+    model = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero", prompt_read="stream")
+    prompts = [torch.tensor([12, 3, 4, 5, 6, 7, 1]), torch.tensor([12, 2]), torch.tensor([12, 9, 9, 1, 0]), torch.tensor([12])]
+    n_new = 5
+    batched = []
+
+    def pick(logits, _i):
+        batched.append(logits)
+        return logits.argmax(-1)
+
+    decode(model, prompts, n_new, pick)
+    batched = torch.stack(batched, 1)  # (rows, n_new, V)
+    for r, p in enumerate(prompts):
+        k, alone = len(p) - 1, []
+
+        def forced(logits, i, p=p, k=k, alone=alone):
+            alone.append(logits)
+            return p[i + 1 : i + 2] if i < k else logits.argmax(-1)
+
+        decode(model, [p[:1]], k + n_new, forced)
+        assert (batched[r] - torch.cat(alone[k:])).abs().max() < 1e-5
+    parallel = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero")
+    first = []
+    decode(parallel, prompts[:1], 1, lambda logits, _i: first.append(logits) or logits.argmax(-1))
+    assert ((first[0] - batched[0, :1]).abs().max() > 1e-4) == (n_step > 1)  # a ladder reads prompts differently in parallel
