@@ -152,6 +152,8 @@ def run_bench(
         {
             "ladder_phased": prefill_and_decode(ladder, 1, 1),
             "ladder_naive": prefill_and_decode(ladder, 1, 1, parallel=False),
+            # the prompt read on the clean rung, in the training recipe's passes (`model.prompt_read`)
+            "ladder_prompt_passes": prefill_and_decode(build(cfg.model.n_step, cfg.model.backbone, prompt_read="passes"), 1, 1),
             "gpt": prefill_and_decode(gpt, 1, 1),
         },
         prefill_rounds,
@@ -189,6 +191,7 @@ def run_bench(
         "ratios": {
             "prefill_naive_over_phased": prefill["ladder_naive"] / prefill["ladder_phased"],
             "prefill_phased_over_gpt": prefill["ladder_phased"] / prefill["gpt"],
+            "prefill_prompt_passes_over_gpt": prefill["ladder_prompt_passes"] / prefill["gpt"],
             "decode_ladder_over_gpt": decode_rate["ladder"] / decode_rate["gpt"],
             "train_ladder_over_gpt": train_rate["ladder"] / train_rate["gpt"],
             "train_ladder_one_pass_over_gpt": train_rate["ladder_one_pass"] / train_rate["gpt"],

@@ -191,7 +191,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 SAMPLING_HELP = (
     "change how the model samples: model.sample_fill=raw|renoise, model.prompt_noise=sample|zero, "
-    "model.prompt_read=parallel|stream"
+    "model.prompt_read=parallel|passes|stream"
 )
 
 

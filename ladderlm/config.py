@@ -39,7 +39,7 @@ class ModelConfig:
     ce_weighting: str = "uniform"  # per-rung CE weights: uniform, or proportional to the rung's signal alpha
     sample_fill: str = "raw"  # not-yet-emitted rungs at sampling: raw outputs, or re-noised to the rung's level
     prompt_noise: str = "sample"  # known tokens on noisy rungs at sampling: fresh noise at the rung's level, or zero
-    prompt_read: str = "parallel"  # a prompt at sampling: on every rung in one pass, or on the clean rung a step per token
+    prompt_read: str = "parallel"  # a prompt at sampling: on every rung in one pass; clean rung only, in passes or per token
     train_passes: int = 0  # passes per training step (0: n_step); later ones feed slots not emitted yet as the sampler does
     first_pass: str = "blank"  # what the first pass puts in slots not emitted yet: nothing, or the noised truth (the seed)
     grad_passes: int = 0  # backpropagate through the last this many passes (0: all); earlier ones run without a graph
@@ -97,7 +97,7 @@ CHOICES = {
     "model.ce_weighting": ("uniform", "alpha"),
     "model.sample_fill": ("raw", "renoise"),
     "model.prompt_noise": ("sample", "zero"),
-    "model.prompt_read": ("parallel", "stream"),
+    "model.prompt_read": ("parallel", "passes", "stream"),
     "model.first_pass": ("blank", "truth"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("auto", "fp32", "bf16"),

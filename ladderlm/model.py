@@ -154,13 +154,22 @@ class LadderLM(nn.Module):
         x = self.inputs(idx, generator)
         return x, self.run(x, self.empty_state(idx.shape[0], idx.device))[0]
 
+    def feed_back(self, x: Tensor, y: Tensor, fed: Tensor, state) -> tuple[Tensor, object]:
+        """One backbone pass over inputs x (B, L, S, E) whose `fed` slots ((L, S) or (B, L, S), never
+        at position 0) take fill(y[p - 1, s]) from the previous pass's outputs y, as the sampler
+        feeds them. Returns the outputs (B, L, S, E) and the backbone state after them."""
+        B, L, S, E = x.shape
+        fills = self.fill(y[:, :-1].reshape(-1, S, E)).view(B, L - 1, S, E)
+        x = torch.cat([x[:, :1], torch.where(fed[..., 1:, :, None], fills, x[:, 1:])], 1)
+        return self.run(x, state)
+
     def rollout(self, x: Tensor, y: Tensor, steps: int, known: Tensor | int = 1) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
 
         Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung, of the known
         tokens (the first `known` of each window, (B,): the start token, or a prompt) and of pads,
         and fills every other slot (a token the sampler would not have emitted yet) from the
-        previous pass's outputs one position back, `fill(y[p - 1, s])`. Pass k then equals the
+        previous pass's outputs one position back (`feed_back`). Pass k then equals the
         free-running sampler (true tokens on the clean rung) at positions 0..k, with one batched
         backbone pass per step. Returns the outputs (B, L, S, E) of every pass.
         """
@@ -170,9 +179,7 @@ class LadderLM(nn.Module):
         fed = (j >= known) & (torch.arange(S, device=x.device) < S - 1)  # (L, S) or (B, L, S): not emitted yet there
         outs = []
         for _ in range(steps):
-            fills = self.fill(y[:, :-1].reshape(-1, S, E)).view(B, L - 1, S, E)
-            x_k = torch.where(fed[..., 1:, :, None], fills, x[:, 1:])
-            y, _ = self.run(torch.cat([x[:, :1], x_k], 1), self.empty_state(B, x.device))
+            y, _ = self.feed_back(x, y, fed, self.empty_state(B, x.device))
             outs.append(y)
         return outs
 

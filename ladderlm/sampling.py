@@ -69,7 +69,10 @@ def decode(
     the previous outputs. parallel_prefill=False runs the backbone over the prompt positions one
     at a time: the reference path. With `model.prompt_read = "stream"` the prompt is read as the
     model reads its own tokens: each on the clean rung only, the rungs below it filled from the
-    model's outputs, one step per prompt token (no parallel phase i). With `eot_id`, a row that
+    model's outputs, one step per prompt token (no parallel phase i); with "passes", phase i
+    approaches that reading in parallel: `train_passes` passes over the prompt positions from a
+    blank start, each filling the rungs below the clean one from the previous pass's outputs, as
+    training does (with a pass per position it is the stream exactly). With `eot_id`, a row that
     emits it is finished (it emits eot_id from then on) and decoding stops once all are.
     With slide=False decoding stops when the window is full instead of sliding it.
     Returns (N, n_emitted) tokens.
@@ -82,7 +85,8 @@ def decode(
     draws, pad = torch.empty(0), torch.empty(0)
     prefix, prefix_given = torch.empty(0), torch.empty(0)  # known slots of phases i and ii, set by restart
 
-    stream = model.cfg.prompt_read == "stream" and S > 1  # with one rung every prompt slot is a clean one
+    read = model.cfg.prompt_read if S > 1 else "parallel"  # with one rung every prompt slot is a clean one
+    stream = read != "parallel"  # prompt tokens on the clean rung only
 
     def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
         if c < prefix.shape[1]:
@@ -110,8 +114,14 @@ def decode(
             j = ladder.slot_tokens(positions, S)  # (P, S)
             prefix_given = prefix_given & ((torch.arange(S, device=device) == S - 1) | (j <= pad[:, None, None]))  # (N, P, S)
         state = model.empty_state(N, device, pad, reserve=model.n_positions)
-        if parallel_prefill and not stream:
+        if parallel_prefill and read == "parallel":
             y, state = model.run(prefix[:, :w], state)
+            return w, y[:, -1], state
+        if parallel_prefill and read == "passes":  # the stream's fixed point, approached as training does
+            y = torch.zeros_like(prefix[:, :w])  # a blank start
+            for _ in range(model.pass_counts[0]):
+                state = model.empty_state(N, device, pad, reserve=model.n_positions)
+                y, state = model.feed_back(prefix[:, :w], y, ~prefix_given[:, :w], state)
             return w, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # read by no slot: position 0 holds the start token and pads
         for c in range(w):

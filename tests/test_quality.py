@@ -155,7 +155,12 @@ def test_stream_prompt_is_the_model_reading_its_own_tokens(n_step):
 
         decode(model, [p[:1]], k + n_new, forced)
         assert (batched[r] - torch.cat(alone[k:])).abs().max() < 1e-5
-    parallel = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero")
-    first = []
-    decode(parallel, prompts[:1], 1, lambda logits, _i: first.append(logits) or logits.argmax(-1))
-    assert ((first[0] - batched[0, :1]).abs().max() > 1e-4) == (n_step > 1)  # a ladder reads prompts differently in parallel
+    first = {}
+    for read, passes in (("parallel", 0), ("passes", 7 + n_step), ("passes", 2)):  # 7 + n_step: a pass per position
+        model = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero", prompt_read=read, train_passes=passes)
+        seen = []
+        decode(model, prompts, 1, lambda logits, _i, seen=seen: seen.append(logits) or logits.argmax(-1))
+        first[read, passes] = (seen[0] - batched[:, 0]).abs().max()
+    assert first["passes", 7 + n_step] < 1e-5  # passes over the prompt reach the stream exactly
+    for key in (("parallel", 0), ("passes", 2)):  # a ladder reads a prompt differently in one pass or too few
+        assert (first[key] > 1e-4) == (n_step > 1)
