@@ -49,20 +49,26 @@ def split_rows(tokens: np.ndarray, n_rows: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.inference_mode()
-def free_running_nll(model: LadderLM, rows: Tensor, lengths: Tensor, eot_id: int, seed: int = 0) -> float:
-    """Total NLL (nats) of the rows under the sampler's computation, true tokens fed back."""
+def token_nll(model: LadderLM, rows: Tensor, eot_id: int, seed: int = 0) -> Tensor:
+    """NLL (nats) of every token of the rows (R, n) under the sampler's computation, true tokens fed back."""
     device = model.wte.weight.device
-    rows, lengths = rows.to(device), lengths.to(device)
-    nll = torch.zeros(rows.shape[0], device=device)
+    rows = rows.to(device)
+    nll = torch.zeros(rows.shape, device=device)
 
     def pick(logits: Tensor, i: int) -> Tensor:
-        nll.add_(F.cross_entropy(logits.float(), rows[:, i], reduction="none") * (i < lengths))
+        nll[:, i] = F.cross_entropy(logits.float(), rows[:, i], reduction="none")
         return rows[:, i]
 
     prompts = torch.full((rows.shape[0], 1), eot_id, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     decode(model, prompts, rows.shape[1], pick, generator=generator)
-    return nll.sum().item()
+    return nll
+
+
+def free_running_nll(model: LadderLM, rows: Tensor, lengths: Tensor, eot_id: int, seed: int = 0) -> float:
+    """Total NLL (nats) of the rows, each up to its length, under the sampler's computation."""
+    nll = token_nll(model, rows, eot_id, seed)
+    return (nll * (torch.arange(rows.shape[1], device=nll.device) < lengths.to(nll.device)[:, None])).sum().item()
 
 
 @torch.inference_mode()

@@ -16,26 +16,12 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ladderlm import checkpoint
 from ladderlm.data import TokenData
 from ladderlm.errors import LadderError
-from ladderlm.evaluate import split_rows
-from ladderlm.sampling import context_keep, decode
-
-
-@torch.inference_mode()
-def token_losses(model, rows: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """(R, n) cross-entropy of every token of the rows under the free-running sampler (eval's seed)."""
-    nll = torch.zeros(rows.shape)
-
-    def pick(logits: torch.Tensor, i: int) -> torch.Tensor:
-        nll[:, i] = F.cross_entropy(logits.float(), rows[:, i], reduction="none")
-        return rows[:, i]
-
-    decode(model.eval(), torch.full((rows.shape[0], 1), eot_id), rows.shape[1], pick, generator=torch.Generator().manual_seed(0))
-    return nll
+from ladderlm.evaluate import split_rows, token_nll
+from ladderlm.sampling import context_keep
 
 
 def main() -> None:
@@ -53,7 +39,7 @@ def main() -> None:
         model, cfg, _ = checkpoint.load(run, overrides=args.set)
         block = cfg.model.block_size
         stride = block - context_keep(block)  # new tokens per window after the first
-        nll = token_losses(model, rows, data.tokenizer.eot_id)
+        nll = token_nll(model.eval(), rows, data.tokenizer.eot_id)
         later = index >= block
         quarter = ((index - block) % stride) * 4 // stride
         parts = [~later, later, *(later & (quarter == q) for q in range(4))]
