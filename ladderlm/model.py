@@ -154,12 +154,14 @@ class LadderLM(nn.Module):
         x = self.inputs(idx, generator)
         return x, self.run(x, self.empty_state(idx.shape[0], idx.device))[0]
 
-    def feed_back(self, x: Tensor, y: Tensor, fed: Tensor, state) -> tuple[Tensor, object]:
+    def feed_back(self, x: Tensor, y: Tensor, fed: Tensor, state, draws: Tensor | None = None) -> tuple[Tensor, object]:
         """One backbone pass over inputs x (B, L, S, E) whose `fed` slots ((L, S) or (B, L, S), never
         at position 0) take fill(y[p - 1, s]) from the previous pass's outputs y, as the sampler
-        feeds them. Returns the outputs (B, L, S, E) and the backbone state after them."""
+        feeds them (`draws` (B, L, S-1, E): the fills' Gaussians, as the sampler draws them).
+        Returns the outputs (B, L, S, E) and the backbone state after them."""
         B, L, S, E = x.shape
-        fills = self.fill(y[:, :-1].reshape(-1, S, E)).view(B, L - 1, S, E)
+        noise = None if draws is None else draws[:, 1:].reshape(-1, S - 1, E)
+        fills = self.fill(y[:, :-1].reshape(-1, S, E), noise).view(B, L - 1, S, E)
         x = torch.cat([x[:, :1], torch.where(fed[..., 1:, :, None], fills, x[:, 1:])], 1)
         return self.run(x, state)
 

@@ -121,7 +121,7 @@ def decode(
             y = torch.zeros_like(prefix[:, :w])  # a blank start
             for _ in range(model.pass_counts[0]):
                 state = model.empty_state(N, device, pad, reserve=model.n_positions)
-                y, state = model.feed_back(prefix[:, :w], y, ~prefix_given[:, :w], state)
+                y, state = model.feed_back(prefix[:, :w], y, ~prefix_given[:, :w], state, draws[:, :w])
             return w, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # read by no slot: position 0 holds the start token and pads
         for c in range(w):

@@ -164,3 +164,12 @@ def test_stream_prompt_is_the_model_reading_its_own_tokens(n_step):
     assert first["passes", 7 + n_step] < 1e-5  # passes over the prompt reach the stream exactly
     for key in (("parallel", 0), ("passes", 2)):  # a ladder reads a prompt differently in one pass or too few
         assert (first[key] > 1e-4) == (n_step > 1)
+    # re-noised fills draw their noise from the sampler's generator in every reading: seeded runs repeat
+    model = tiny_model(n_step, vocab_size=13, block_size=16, prompt_read="passes", sample_fill="renoise", train_passes=3)
+    runs = []
+    for _ in range(2):
+        seen = []
+        record = lambda logits, _i, seen=seen: seen.append(logits) or logits.argmax(-1)  # noqa: E731
+        decode(model, prompts, 2, record, generator=torch.Generator().manual_seed(3))
+        runs.append(torch.stack(seen))
+    assert torch.equal(runs[0], runs[1])
