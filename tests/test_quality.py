@@ -173,3 +173,17 @@ def test_stream_prompt_is_the_model_reading_its_own_tokens(n_step):
         decode(model, prompts, 2, record, generator=torch.Generator().manual_seed(3))
         runs.append(torch.stack(seen))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("n_step", [2, 4])
+def test_prompts_read_in_passes_are_the_stream_across_slides(n_step):
+    """Every slide re-reads the kept context as a prompt: with a pass per position, the passes read it as the stream does."""
+    prompts = [torch.tensor([12, 3, 4, 5]), torch.tensor([12, 7])]
+    logits = {}
+    for read, passes in (("stream", 0), ("passes", 8 + n_step)):
+        model = tiny_model(n_step, vocab_size=13, block_size=8, prompt_noise="zero", prompt_read=read, train_passes=passes)
+        seen = []
+        tokens = decode(model, prompts, 20, lambda lg, _i, seen=seen: seen.append(lg) or lg.argmax(-1))  # slides twice or more
+        logits[read] = torch.stack(seen, 1)
+        assert tokens.shape == (2, 20)
+    assert (logits["stream"] - logits["passes"]).abs().max() < 1e-5
