@@ -266,9 +266,7 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("plot", help="plot runs: loss curves, per-rung statistics, free-running vs teacher-forced loss")
     p.add_argument("runs", nargs="+")
-    p.add_argument(
-        "--kind", choices=("losses", "rungs", "free-vs-tf"), default="losses", help="rungs, free-vs-tf read eval.json"
-    )
+    p.add_argument("--kind", choices=("losses", "rungs", "free-vs-tf"), default="losses", help="rungs, free-vs-tf read eval.json")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_plot)
     return parser

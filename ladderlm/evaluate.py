@@ -94,7 +94,7 @@ def teacher_forced_stats(
         x, y = model.teacher_forced(inputs, generator)
         slot_tgt, real = objectives.slot_targets(targets, S)
         counted = slot_tgt != -100  # (b, L, S)
-        ce = objectives.slot_cross_entropy(model.lm_head(y), slot_tgt)
+        ce = objectives.slot_cross_entropy(model.logits(y), slot_tgt)
         err, ref, pairs = objectives.latent_errors(model.in_norm(y), x, real)
         pairs = pairs & counted[:, :-1]  # (b, L-1, S)
         # Denoise ratio: output (as fed back) vs the same token's input one rung noisier, x[p, s-1].

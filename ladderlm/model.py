@@ -26,9 +26,9 @@ class RungNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_step, dim))
         self.bias = nn.Parameter(torch.zeros(n_step, dim)) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., S, E)
-        x = F.layer_norm(x, x.shape[-1:]) * self.weight
-        return x if self.bias is None else x + self.bias
+    def forward(self, x: Tensor, rungs: slice = slice(None)) -> Tensor:  # (..., S, E), or the given rungs only
+        x = F.layer_norm(x, x.shape[-1:]) * self.weight[rungs]
+        return x if self.bias is None else x + self.bias[rungs]
 
 
 class LadderLM(nn.Module):
@@ -49,6 +49,10 @@ class LadderLM(nn.Module):
         nn.init.constant_(self.in_norm.weight, 0.02)
         if cfg.tie_head:
             self.lm_head.weight = self.wte.weight
+        # The clean rung alone gives the emission a rank-E softmax; "full" adds a head over all S * E features.
+        self.emit_head = nn.Linear(S * E, cfg.vocab_size, bias=False) if cfg.emit_head == "full" and S > 1 else None
+        if self.emit_head is not None:
+            nn.init.zeros_(self.emit_head.weight)
         alpha = ladder.alpha_schedule(S, cfg.gamma)
         sqrt_a, sqrt_1ma = ladder.slot_signal(alpha)
         self.register_buffer("alpha", alpha, persistent=False)  # (S,)
@@ -111,6 +115,11 @@ class LadderLM(nn.Module):
         if eps is not None:
             raw = raw + eps * (self.sqrt_one_minus_alpha * keep)
         return self.in_norm(raw), given
+
+    def embed_emitted(self, tokens: Tensor) -> Tensor:
+        """Clean-rung inputs (N, 1, E) of tokens (N,), as embed_slots gives them: decoding's one known slot."""
+        clean = slice(-1, None)
+        return self.in_norm(self.wte(tokens)[:, None] * self.sqrt_alpha[clean], clean)
 
     @property
     def sampling_noise(self) -> str:
@@ -235,11 +244,19 @@ class LadderLM(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss."""
         x, y, targets = self.window(idx, targets, generator)
-        logits = self.lm_head(y)
+        logits = self.logits(y)
         if targets is None:
             return logits, None
         return logits, objectives.ladder_loss(self.cfg, logits, y, x, targets, self.alpha, self.in_norm)
 
+    def logits(self, y: Tensor) -> Tensor:
+        """Per-slot logits (..., S, V) of outputs y (..., S, E); the clean rung's are clean_logits."""
+        per_rung = self.lm_head(y)
+        if self.emit_head is None:
+            return per_rung
+        return torch.cat([per_rung[..., :-1, :], self.clean_logits(y)[..., None, :]], -2)
+
     def clean_logits(self, y: Tensor) -> Tensor:
         """Distribution over the next token to emit, from the clean rung of outputs y (..., S, E)."""
-        return self.lm_head(y[..., -1, :])
+        logits = self.lm_head(y[..., -1, :])
+        return logits if self.emit_head is None else logits + self.emit_head(y.flatten(-2))

@@ -68,7 +68,7 @@ class Objective(nn.Module):
         if not (n.horizon and (n.lambda_h or n.lambda_kl)):
             return m(idx, targets)[1]
         x, y, targets = m.window(idx, targets)  # one pass (validated): over the noised truth, or blank slots
-        loss = objectives.ladder_loss(m.cfg, m.lm_head(y), y, x, targets, m.alpha, m.in_norm)
+        loss = objectives.ladder_loss(m.cfg, m.logits(y), y, x, targets, m.alpha, m.in_norm)
         if self.psi is not None:
             latents = y[:, :, -1]  # (B, T, C): one rung
             head = m.lm_head.weight.detach()

@@ -39,7 +39,7 @@ def main() -> None:
         for passes in range(1, args.max_passes + 1):
             if passes > 1 or first == "blank":
                 y = model.rollout(x, y, 1)[-1]
-            ce = objectives.slot_cross_entropy(model.lm_head(y), slot_tgt)[:, S - 1 :, -1]
+            ce = objectives.slot_cross_entropy(model.logits(y), slot_tgt)[:, S - 1 :, -1]
             losses.append(f"P{passes}={ce.mean().item():.3f}")
         print(f"first pass {first}: {' '.join(losses)}")
     nll = torch.zeros(())

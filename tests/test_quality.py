@@ -16,14 +16,23 @@ from .conftest import tiny_model, train_args
 from .test_cli import run_bad
 
 
+def emitting_model(n_step: int, emit_head: str, **kw):
+    """A tiny model whose emission head over every rung (emit_head = "full") is not at its zero init."""
+    model = tiny_model(n_step, emit_head=emit_head, **kw)
+    if model.emit_head is not None:
+        torch.nn.init.normal_(model.emit_head.weight, std=0.3)
+    return model
+
+
 @pytest.mark.parametrize("n_step", [1, 2, 4])
 @pytest.mark.parametrize("prompt", [1, 3, 7])
-def test_blank_start_passes_over_the_window_are_the_sampler(n_step, prompt):
+@pytest.mark.parametrize("emit_head", ["rung", "full"])
+def test_blank_start_passes_over_the_window_are_the_sampler(n_step, prompt, emit_head):
     """With a blank first pass and a pass per position, training computes exactly what free-running
     sampling does, after the start token alone or after a prompt of known tokens."""
     T = 10
     L = T + n_step - 1
-    model = tiny_model(n_step, vocab_size=13, block_size=16, prompt_noise="zero", first_pass="blank", train_passes=L)
+    model = emitting_model(n_step, emit_head, vocab_size=13, block_size=16, prompt_noise="zero", train_passes=L)
     idx = torch.cat([torch.full((2, 1), 12), torch.randint(12, (2, T - 1))], 1)
     x, _ = model.embed_slots(idx, torch.arange(L), "zero")  # the sampler's noise-free prompt slots
     unrolled = model.unrolled(x, torch.tensor([prompt, prompt]))[:, n_step - 1 :]
@@ -36,6 +45,27 @@ def test_blank_start_passes_over_the_window_are_the_sampler(n_step, prompt):
 
     decode(model, idx[:, :prompt], T - prompt + 1, pick)
     assert (unrolled - torch.stack(seen, 1)).abs().max() < 1e-5
+
+
+def test_full_emission_head():
+    """emit_head = "full" adds a head over all S rungs to the clean rung's: zero at init (training starts
+    from the rung head's model), trained by the loss, nothing to add with one rung (the GPT)."""
+    rung, full = tiny_model(4, vocab_size=13), tiny_model(4, vocab_size=13, emit_head="full")
+    assert full.num_params() == rung.num_params() + 4 * 8 * 13
+    assert tiny_model(1, emit_head="full").num_params() == tiny_model(1).num_params()
+    idx, targets = torch.randint(13, (2, 10)), torch.randint(13, (2, 10))
+    gen = [torch.Generator().manual_seed(0) for _ in range(2)]
+    assert torch.equal(rung(idx, generator=gen[0])[0], full(idx, generator=gen[1])[0])
+    full = emitting_model(4, "full", vocab_size=13)
+    logits, loss = full(idx, targets, torch.Generator().manual_seed(0))  # (2, L, S, V)
+    y = full.window(idx, generator=torch.Generator().manual_seed(0))[1]
+    assert torch.allclose(logits[:, :, -1], full.clean_logits(y), atol=1e-6)
+    assert torch.allclose(logits[:, :, :-1], full.lm_head(y[:, :, :-1]), atol=1e-6)
+    assert not torch.allclose(logits[:, :, -1], full.lm_head(y[:, :, -1]), atol=1e-3)
+    loss.backward()
+    assert full.emit_head.weight.grad.abs().max() > 0
+    with pytest.raises(LadderError, match="emit_head must be one of"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["model.emit_head=wide"])
 
 
 def test_training_prompts_are_given_not_predicted():
