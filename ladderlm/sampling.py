@@ -91,10 +91,11 @@ def decode(
     def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
         if c < prefix.shape[1]:
             x, given = prefix[:, c : c + 1], prefix_given[..., c : c + 1, :]
-        else:  # phase iii: the clean rung holds the only known token
-            x, given = model.embed_slots(ctx[:, :n_known], torch.arange(c, c + 1, device=device), "zero", first=pad)
-        if stream or c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
-            x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
+            if stream or c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
+                x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
+        else:  # phase iii: the clean rung holds the only known token, the rungs below it fills
+            clean = model.embed_emitted(ctx[:, c - S + 1])  # (N, 1, E)
+            x = torch.cat([model.fill(y_last, draws[:, c])[:, :-1], clean], 1)[:, None]  # (N, 1, S, E)
         y, state = model.run(x, state)
         return y[:, -1], state
 
