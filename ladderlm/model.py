@@ -249,12 +249,17 @@ class LadderLM(nn.Module):
             return logits, None
         return logits, objectives.ladder_loss(self.cfg, logits, y, x, targets, self.alpha, self.in_norm)
 
-    def logits(self, y: Tensor) -> Tensor:
-        """Per-slot logits (..., S, V) of outputs y (..., S, E); the clean rung's are clean_logits."""
-        per_rung = self.lm_head(y)
+    def logits(self, y: Tensor, frozen: bool = False) -> Tensor:
+        """Per-slot logits (..., S, V) of outputs y (..., S, E); the clean rung's are clean_logits.
+
+        frozen=True detaches the heads' weights, for losses that train what the heads read, not them.
+        """
+        per_rung = F.linear(y, self.lm_head.weight.detach() if frozen else self.lm_head.weight)
         if self.emit_head is None:
             return per_rung
-        return torch.cat([per_rung[..., :-1, :], self.clean_logits(y)[..., None, :]], -2)
+        emit = self.emit_head.weight.detach() if frozen else self.emit_head.weight
+        clean = per_rung[..., -1, :] + F.linear(y.flatten(-2), emit)
+        return torch.cat([per_rung[..., :-1, :], clean[..., None, :]], -2)
 
     def clean_logits(self, y: Tensor) -> Tensor:
         """Distribution over the next token to emit, from the clean rung of outputs y (..., S, E)."""

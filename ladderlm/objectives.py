@@ -115,19 +115,19 @@ def ladder_rollout_losses(model, x: Tensor, y: Tensor, targets: Tensor, horizon:
     """NextLat for a ladder: the KL term (and optional latent regression) on a `horizon`-pass rollout.
 
     Compared slots: every real slot (p, s) of the window. KL(p(.|sg y[p, s]) || p(.|y^k[p, s]))
-    uses the head's distribution on the teacher-forced outputs (detached) and on the outputs of
-    rollout pass k, the head frozen (detached weight); the latent term is the relative error of
-    in_norm(y^k[p, s]) against the true next slot x[p + 1, s]. Gradients flow through the rollout
-    passes into the backbone, the norms and (through the inputs) the embeddings; never into the
-    head through the KL, never into the teacher-forced targets.
+    uses the model's per-slot distribution (`model.logits`, emission head included) on the
+    teacher-forced outputs (detached) and on the outputs of rollout pass k, the heads frozen
+    (detached weights); the latent term is the relative error of in_norm(y^k[p, s]) against the
+    true next slot x[p + 1, s]. Gradients flow through the rollout passes into the backbone, the
+    norms and (through the inputs) the embeddings; never into the heads through the KL, never into
+    the teacher-forced targets.
     """
-    head = model.lm_head.weight.detach()
-    true_logp = F.log_softmax(F.linear(y.detach(), head).float(), dim=-1)  # (B, L, S, V)
+    true_logp = F.log_softmax(model.logits(y.detach(), frozen=True).float(), dim=-1)  # (B, L, S, V)
     _, real = slot_targets(targets, model.n_step)
     weight = real / (real.sum() * y.shape[0])
     l_h, l_kl = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
     for y_k in model.rollout(x, y, horizon):
-        logq = F.log_softmax(F.linear(y_k, head).float(), dim=-1)
+        logq = F.log_softmax(model.logits(y_k, frozen=True).float(), dim=-1)
         l_kl = l_kl + (F.kl_div(logq, true_logp, log_target=True, reduction="none").sum(-1) * weight).sum()
         if with_latent:
             l_h = l_h + relative_latent_error(model.in_norm(y_k), x, real)

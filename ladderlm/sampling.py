@@ -114,15 +114,15 @@ def decode(
         if stream:  # the prompt's tokens enter on the clean rung only, as emitted tokens do (the start token and pads stay)
             j = ladder.slot_tokens(positions, S)  # (P, S)
             prefix_given = prefix_given & ((torch.arange(S, device=device) == S - 1) | (j <= pad[:, None, None]))  # (N, P, S)
-        state = model.empty_state(N, device, pad, reserve=model.n_positions)
-        if parallel_prefill and read == "parallel":
-            y, state = model.run(prefix[:, :w], state)
-            return w, y[:, -1], state
         if parallel_prefill and read == "passes":  # the stream's fixed point, approached as training does
             y = torch.zeros_like(prefix[:, :w])  # a blank start
             for _ in range(model.pass_counts[0]):
                 state = model.empty_state(N, device, pad, reserve=model.n_positions)
                 y, state = model.feed_back(prefix[:, :w], y, ~prefix_given[:, :w], state, draws[:, :w])
+            return w, y[:, -1], state
+        state = model.empty_state(N, device, pad, reserve=model.n_positions)
+        if parallel_prefill and read == "parallel":
+            y, state = model.run(prefix[:, :w], state)
             return w, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # read by no slot: position 0 holds the start token and pads
         for c in range(w):

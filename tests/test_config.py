@@ -1,14 +1,33 @@
+from dataclasses import replace
+
 import pytest
 
 from ladderlm.config import load_config, parse_override, preset_names
 from ladderlm.errors import LadderError
+from ladderlm.model import LadderLM
 
 
 def test_presets_load():
     assert {"shakespeare-char-cpu", "demo"} <= set(preset_names())
     cfg = load_config("shakespeare-char-cpu")
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (4, 4, 128, 64)
-    assert (cfg.train.batch_size, cfg.train.max_iters, cfg.train.learning_rate, cfg.train.min_lr) == (12, 2000, 1e-3, 1e-4)
+    assert (cfg.train.batch_size, cfg.train.max_iters, cfg.train.warmup_iters) == (12, 2000, 400)
+
+
+@pytest.mark.parametrize(
+    "gpt, ladder",
+    [("shakespeare-char-cpu", "shakespeare-char-cpu-ladder4"), ("shakespeare-char-cpu-ssm", "shakespeare-char-cpu-ssm-ladder4")],
+)
+def test_ladder_presets_match_their_gpt(gpt, ladder):
+    """Same tokens and size as the GPT they are measured against; the learning rate is each model's own."""
+    g, lad = load_config(gpt), load_config(ladder)
+    tokens = ("max_iters", "batch_size", "grad_accum", "seed")
+    assert [getattr(g.train, k) for k in tokens] == [getattr(lad.train, k) for k in tokens]
+    shape = ("block_size", "n_layer", "n_embd")
+    assert [getattr(g.model, k) for k in shape] == [getattr(lad.model, k) for k in shape]
+    assert (g.model.n_step, lad.model.n_step) == (1, 4)
+    sizes = [LadderLM(replace(c.model, vocab_size=66)).num_params() for c in (g, lad)]
+    assert abs(sizes[1] / sizes[0] - 1) < 0.05
 
 
 def test_override_types():

@@ -112,14 +112,19 @@ def test_ladder_rollout_equals_the_sampler_on_the_same_inputs(n_step, steps):
     assert (rolled_logits[:, :upto] - sampler_logits[:, :upto]).abs().max() < 1e-5
 
 
-def test_ladder_kl_gradients_and_the_degenerate_gpt():
-    model = tiny_model(n_step=3, vocab_size=11, tie_head=False).train()
+@pytest.mark.parametrize("emit_head", ["rung", "full"])
+def test_ladder_kl_gradients_and_the_degenerate_gpt(emit_head):
+    model = tiny_model(n_step=3, vocab_size=11, tie_head=False, emit_head=emit_head).train()
+    if model.emit_head is not None:
+        torch.nn.init.normal_(model.emit_head.weight, std=0.1)  # zero at init; make it count
     idx, targets = torch.randint(11, (2, 10)), torch.randint(11, (2, 10))
     x, y = model.teacher_forced(idx)
+    assert torch.equal(model.logits(y, frozen=True), model.logits(y))
     l_h, l_kl = ladder_rollout_losses(model, x, y, targets, horizon=2, with_latent=True)
     assert l_kl > 0 and l_h > 0
     l_kl.backward()
-    assert model.lm_head.weight.grad is None  # the frozen head
+    assert model.lm_head.weight.grad is None  # the frozen heads
+    assert model.emit_head is None or model.emit_head.weight.grad is None
     assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     gpt = tiny_model(n_step=1, vocab_size=11)
     x, y = gpt.teacher_forced(idx)
