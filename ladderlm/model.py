@@ -254,14 +254,16 @@ class LadderLM(nn.Module):
 
         frozen=True detaches the heads' weights, for losses that train what the heads read, not them.
         """
-        per_rung = F.linear(y, self.lm_head.weight.detach() if frozen else self.lm_head.weight)
+        per_rung = F.linear(y, _weight(self.lm_head, frozen))
         if self.emit_head is None:
             return per_rung
-        emit = self.emit_head.weight.detach() if frozen else self.emit_head.weight
-        clean = per_rung[..., -1, :] + F.linear(y.flatten(-2), emit)
-        return torch.cat([per_rung[..., :-1, :], clean[..., None, :]], -2)
+        return torch.cat([per_rung[..., :-1, :], self.clean_logits(y, frozen)[..., None, :]], -2)
 
-    def clean_logits(self, y: Tensor) -> Tensor:
+    def clean_logits(self, y: Tensor, frozen: bool = False) -> Tensor:
         """Distribution over the next token to emit, from the clean rung of outputs y (..., S, E)."""
-        logits = self.lm_head(y[..., -1, :])
-        return logits if self.emit_head is None else logits + self.emit_head(y.flatten(-2))
+        logits = F.linear(y[..., -1, :], _weight(self.lm_head, frozen))
+        return logits if self.emit_head is None else logits + F.linear(y.flatten(-2), _weight(self.emit_head, frozen))
+
+
+def _weight(layer: nn.Linear, frozen: bool) -> Tensor:
+    return layer.weight.detach() if frozen else layer.weight
