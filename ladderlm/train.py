@@ -79,20 +79,26 @@ class Objective(nn.Module):
 
 
 @torch.no_grad()
-def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, device: torch.device) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split, drawn from a fixed seed so every eval sees the same ones."""
+def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distributed.Dist) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split, drawn from a fixed seed so every eval sees the same ones.
+
+    Under DDP the batches are global, as in training: each rank scores its own rows and the ranks
+    average, so N processes with batch b estimate what one process with batch N * b does.
+    """
+    device = ddp.device
     model.eval()
-    out = {}
+    means = []
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
         noise = torch.Generator(device=device).manual_seed(cfg.train.seed + 2)  # leaves the training RNG alone
         losses = []
         for _ in range(cfg.train.eval_iters):
-            x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g)
-            losses.append(model(x.to(device), y.to(device), generator=noise)[1].item())
-        out[f"{split}_loss"] = sum(losses) / len(losses)
+            x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g, shard=(ddp.rank, ddp.world))
+            losses.append(model(x.to(device), y.to(device), generator=noise)[1])
+        means.append(torch.stack(losses).mean())
+    train_loss, val_loss = ddp.mean(torch.stack(means)).tolist()  # one sync per eval
     model.train()
-    return out
+    return {"train_loss": train_loss, "val_loss": val_loss}
 
 
 def rng_states() -> dict:
@@ -255,7 +261,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     try:
         while True:
             if step % t.eval_interval == 0 or step == t.max_iters:
-                losses = estimate_loss(model, data, cfg, device)  # the same batches and result on every rank
+                losses = estimate_loss(model, data, cfg, ddp)  # every rank scores its rows; all get the mean
                 log({"step": step, **losses})
                 say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
                 window_start = time.perf_counter()

@@ -26,6 +26,11 @@ def losses(run):
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
+def evals(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+
 def test_two_gloo_processes_match_one_process(tmp_path, data_dir):
     assert main(train_args(data_dir, tmp_path / "one", *COMMON, "--set", "train.batch_size=8")) == 0
     result = torchrun(train_args(data_dir, tmp_path / "two", *COMMON, "--set", "train.batch_size=4"))
@@ -33,6 +38,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, data_dir):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in two] == list(range(1, 21))  # every step logged once, by rank 0 alone
     assert max(abs(a - b) for (_, a), (_, b) in zip(one, two, strict=True)) < 1e-4
+    # the in-training eval: each rank scores its rows of the global batches, as one process scores them all
+    one_eval, two_eval = evals(tmp_path / "one"), evals(tmp_path / "two")
+    assert [s for s, _ in two_eval] == [0, 10, 20]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(one_eval, two_eval, strict=True)) < 1e-4
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ckpt", "config.json", "loss.png", "metrics.jsonl", "tb"]
 
     # resume under DDP: 10 steps, then 10 more, equals the 20 steps above

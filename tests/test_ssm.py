@@ -11,6 +11,7 @@ from ladderlm.backbones.ssm import ssd_scan, ssm_step
 from ladderlm.cli import main
 from ladderlm.config import load_config
 from ladderlm.data import TokenData
+from ladderlm.distributed import Dist
 from ladderlm.errors import LadderError
 from ladderlm.model import LadderLM
 from ladderlm.train import estimate_loss
@@ -179,7 +180,7 @@ def test_train_checkpoint_sample_and_eval(tmp_path, data_dir, capsys):
     final = [r for r in logged if "val_loss" in r][-1]
     model, cfg, _ = checkpoint.load(out)
     assert cfg.model.backbone == "ssm" and type(model.backbone).__name__ == "SSMBackbone"
-    again = estimate_loss(model, TokenData.open(data_dir), cfg, torch.device("cpu"))  # same seeded batches and noise
+    again = estimate_loss(model, TokenData.open(data_dir), cfg, Dist(0, 1, torch.device("cpu")))  # same seeded batches and noise
     assert final["step"] == 6 and abs(again["val_loss"] - final["val_loss"]) < 1e-6
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(out), "--prompt", "The", "--max-new-tokens", "20", "--seed", "1"]) == 0
