@@ -177,7 +177,9 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     run = Run(Path(out_dir))
     ddp = distributed.init(cfg.train.device)
     try:
-        return _train(cfg, data, run, ddp, resume, progress)
+        losses = _train(cfg, data, run, ddp, resume, progress)
+        ddp.barrier()  # leave together: gloo can abort a rank that tears down while another still works
+        return losses
     finally:
         ddp.close()
 
