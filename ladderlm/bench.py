@@ -50,7 +50,7 @@ def train_flops_per_token(model: LadderLM) -> float:
     a pass without gradients counts a third (its forward). For the SSM backbone only the 6 N of
     its weights: its scan's own FLOPs are not counted."""
     m = model.cfg
-    passes, with_grad = model.pass_counts
+    passes, with_grad = model.pass_counts()
     per_pass = 6 * model.num_params()
     if m.backbone == "attention":
         per_pass = 6 * (model.num_params() - model.backbone.wpe.weight.numel()) + 12 * m.n_layer * m.n_embd * model.n_positions

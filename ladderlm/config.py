@@ -69,6 +69,8 @@ class TrainConfig:
     skip_nonfinite: int = 0  # steps with a NaN/inf loss or gradient to skip before stopping
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16; master weights stay fp32
     compile: bool = False  # torch.compile the model for training
+    early_passes: int = 0  # a ladder's passes per step for the first early_passes_iters steps (0: model.train_passes throughout)
+    early_passes_iters: int = 0
 
 
 @dataclass
@@ -261,14 +263,23 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 <= t.min_lr <= t.learning_rate:
         raise LadderError(f"need 0 <= train.min_lr <= train.learning_rate, got {t.min_lr} and {t.learning_rate}")
-    for key in ("warmup_iters", "lr_decay_iters", "seed", "skip_nonfinite"):
+    for key in ("warmup_iters", "lr_decay_iters", "seed", "skip_nonfinite", "early_passes", "early_passes_iters"):
         if getattr(t, key) < 0:
             raise LadderError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if t.grad_clip < 0 or t.weight_decay < 0:
         raise LadderError("train.grad_clip and train.weight_decay must be >= 0")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         raise LadderError("train.beta1 and train.beta2 must be in [0, 1)")
+    if bool(t.early_passes) != bool(t.early_passes_iters):
+        raise LadderError(
+            "train.early_passes and train.early_passes_iters go together (passes per step, for that many steps), "
+            f"got {t.early_passes} and {t.early_passes_iters}"
+        )
+    if t.early_passes and m.n_step == 1:
+        raise LadderError("train.early_passes needs a ladder (model.n_step > 1): the GPT trains in one pass")
     n = cfg.nextlat
+    if t.early_passes and n.horizon:
+        raise LadderError("train.early_passes and nextlat.horizon both set how the ladder is rolled out; use one of them")
     if min(n.horizon, n.width, n.lambda_h, n.lambda_kl) < 0:
         raise LadderError("nextlat.horizon, nextlat.width, nextlat.lambda_h and nextlat.lambda_kl must be >= 0")
     if n.horizon >= m.block_size:

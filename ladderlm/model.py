@@ -194,14 +194,14 @@ class LadderLM(nn.Module):
             outs.append(y)
         return outs
 
-    @property
-    def pass_counts(self) -> tuple[int, int]:
-        """Backbone passes per training step, and how many of them (the last ones) carry gradients."""
-        passes = 1 if self.n_step == 1 else self.cfg.train_passes or self.n_step
+    def pass_counts(self, passes: int = 0) -> tuple[int, int]:
+        """Backbone passes per training step (`passes`, 0: `train_passes`), and how many of them
+        (the last ones) carry gradients."""
+        passes = 1 if self.n_step == 1 else passes or self.cfg.train_passes or self.n_step
         return passes, passes if self.cfg.grad_passes == 0 else min(self.cfg.grad_passes, passes)
 
-    def unrolled(self, x: Tensor, known: Tensor | int = 1) -> Tensor:
-        """Outputs (B, L, S, E) of the last of `train_passes` passes over teacher-forced inputs x.
+    def unrolled(self, x: Tensor, known: Tensor | int = 1, passes: int = 0) -> Tensor:
+        """Outputs (B, L, S, E) of the last of `passes` (0: `train_passes`) passes over teacher-forced inputs x.
 
         The first pass reads x, or with first_pass = "blank" zeros in the slots of tokens not
         emitted yet; every later pass fills those slots from the previous outputs as the sampler
@@ -210,7 +210,7 @@ class LadderLM(nn.Module):
         many times as the sampler refines it. Gradients flow through the last `grad_passes`
         passes (0: all). With S = 1 nothing is ever fed back: one pass, the GPT's.
         """
-        passes, n_graph = self.pass_counts
+        passes, n_graph = self.pass_counts(passes)
         blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
         y = torch.zeros_like(x)
         for k in range(passes):  # the first one reads x itself unless blank
@@ -228,22 +228,23 @@ class LadderLM(nn.Module):
         return torch.where(prompted, torch.randint(1, T + 1, (B,), generator=generator, device=idx.device), 1)
 
     def window(
-        self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
+        self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None, passes: int = 0
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Teacher-forced inputs x and trained outputs y (B, L, S, E) over windows idx (B, T), and the
         targets the loss counts: a prompt's own tokens are given, not predicted (-100)."""
         x = self.inputs(idx, generator)
         known = self.prompt_lengths(idx, generator)
-        y = self.unrolled(x, known)
+        y = self.unrolled(x, known, passes)
         if targets is not None:
             targets = targets.masked_fill(torch.arange(idx.shape[1], device=idx.device) < known[:, None] - 1, -100)
         return x, y, targets
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None
+        self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None, passes: int = 0
     ) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss."""
-        x, y, targets = self.window(idx, targets, generator)
+        """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss.
+        `passes` overrides `train_passes` (0: keep it)."""
+        x, y, targets = self.window(idx, targets, generator, passes)
         logits = self.logits(y)
         if targets is None:
             return logits, None

@@ -116,7 +116,7 @@ def decode(
             prefix_given = prefix_given & ((torch.arange(S, device=device) == S - 1) | (j <= pad[:, None, None]))  # (N, P, S)
         if parallel_prefill and read == "passes":  # the stream's fixed point, approached as training does
             y = torch.zeros_like(prefix[:, :w])  # a blank start
-            for _ in range(model.pass_counts[0]):
+            for _ in range(model.pass_counts()[0]):
                 state = model.empty_state(N, device, pad, reserve=model.n_positions)
                 y, state = model.feed_back(prefix[:, :w], y, ~prefix_given[:, :w], state, draws[:, :w])
             return w, y[:, -1], state

@@ -63,10 +63,11 @@ class Objective(nn.Module):
                 torch.random.default_generator.manual_seed(cfg.train.seed + 3)
                 self.psi = objectives.LatentDynamics(cfg.model.n_embd, cfg.nextlat.width or 4 * cfg.model.n_embd)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, passes: int = 0) -> torch.Tensor:
+        """The loss over windows idx; `passes` overrides model.train_passes (0: keep it)."""
         n, m = self.nextlat, self.model
         if not (n.horizon and (n.lambda_h or n.lambda_kl)):
-            return m(idx, targets)[1]
+            return m(idx, targets, passes=passes)[1]
         x, y, targets = m.window(idx, targets)  # one pass (validated): over the noised truth, or blank slots
         loss = objectives.ladder_loss(m.cfg, m.logits(y), y, x, targets, m.alpha, m.in_norm)
         if self.psi is not None:
@@ -270,13 +271,14 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             if step >= t.max_iters:
                 break
             lr = learning_rate(step, cfg)
+            passes = t.early_passes if step < t.early_passes_iters else 0  # 0: model.train_passes
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 x, y = data.batch("train", t.batch_size, cfg.model.block_size, data_gen, shard=(ddp.rank, ddp.world))
                 with ddp.no_sync(trained, micro == t.grad_accum - 1), precision:
-                    loss = trained(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    loss = trained(x.to(device, non_blocking=True), y.to(device, non_blocking=True), passes)
                     (loss / t.grad_accum).backward()
                 loss_sum += loss.detach().float()
             grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), t.grad_clip or float("inf"))

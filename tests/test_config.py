@@ -50,11 +50,22 @@ def test_override_types():
         ("model.n_step=3", "divisible by model.n_step"),
         ("train.device=tpu", "must be one of"),
         ("model.dropout=1.5", "dropout"),
+        ("train.early_passes=2", "go together"),
+        ("train.early_passes=-1", "must be >= 0"),
     ],
 )
 def test_bad_overrides(override, message):
     with pytest.raises(LadderError, match=message):
         load_config("shakespeare-char-cpu", overrides=[override])
+
+
+def test_early_passes_need_a_ladder_without_nextlat():
+    early = ["train.early_passes=2", "train.early_passes_iters=100"]
+    with pytest.raises(LadderError, match="needs a ladder"):
+        load_config("shakespeare-char-cpu", overrides=early)
+    with pytest.raises(LadderError, match="use one of them"):
+        load_config("shakespeare-char-cpu-ladder4-kl", overrides=early)
+    assert load_config("shakespeare-char-cpu-ladder4", overrides=early).train.early_passes == 2
 
 
 def test_bad_config_file(tmp_path):

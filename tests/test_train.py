@@ -41,6 +41,24 @@ def test_resume_is_exact(tmp_path, data_dir, dropout):
     assert logged("half") == logged("full")
 
 
+def test_early_passes_equal_a_resume_with_more_passes(tmp_path, data_dir):
+    """train.early_passes trains exactly as stopping after early_passes_iters steps and resuming with more passes."""
+    ladder = ["--set", "model.n_step=2", "--set", "train.lr_decay_iters=8", "--set", "train.eval_interval=4"]
+    early = ["--set", "train.early_passes=1", "--set", "train.early_passes_iters=4"]
+    assert main(train_args(data_dir, tmp_path / "scheduled", *ladder, *early, "--set", "train.max_iters=8")) == 0
+    first = ["--set", "model.train_passes=1", "--set", "train.max_iters=4"]
+    assert main(train_args(data_dir, tmp_path / "resumed", *ladder, *first)) == 0
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "resumed"), "--resume", "--no-progress",
+                 "--set", "model.train_passes=0", "--set", "train.max_iters=8"]) == 0  # fmt: skip
+    scheduled = load_file(tmp_path / "scheduled" / "ckpt" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "ckpt" / "model.safetensors")
+    assert all((scheduled[k] == resumed[k]).all() for k in scheduled)
+    # and the schedule does change training
+    assert main(train_args(data_dir, tmp_path / "plain", *ladder, "--set", "train.max_iters=8")) == 0
+    plain = load_file(tmp_path / "plain" / "ckpt" / "model.safetensors")
+    assert any((plain[k] != scheduled[k]).any() for k in scheduled)
+
+
 def test_refuses_to_overwrite_a_run(run_dir, data_dir, capsys):
     before = (run_dir / "metrics.jsonl").read_bytes()
     assert main(train_args(data_dir, run_dir)) == 1
