@@ -43,6 +43,7 @@ class ModelConfig:
     train_passes: int = 0  # passes per training step (0: n_step); later ones feed slots not emitted yet as the sampler does
     first_pass: str = "blank"  # what the first pass puts in slots not emitted yet: nothing, or the noised truth (the seed)
     grad_passes: int = 0  # backpropagate through the last this many passes (0: all); earlier ones run without a graph
+    recompute_passes: bool = False  # passes before the last keep only their outputs and run again in the backward (memory knob)
     emit_head: str = "rung"  # the emitted token's logits: the clean rung's (tied) head, or plus a head over every rung
     train_prompts: float = 0.0  # fraction of training windows that open with a random prompt, fed as the sampler feeds one
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ladder, objectives
 from .backbones import build_backbone
@@ -208,14 +209,21 @@ class LadderLM(nn.Module):
         does (`rollout`; the first `known` tokens of each window are given). A blank start leaks
         no future token into any pass, and after S passes every rung's input has been refined as
         many times as the sampler refines it. Gradients flow through the last `grad_passes`
-        passes (0: all). With S = 1 nothing is ever fed back: one pass, the GPT's.
+        passes (0: all); with recompute_passes, every pass but the last keeps only its outputs
+        for the backward, which runs it again. With S = 1 nothing is ever fed back: one pass, the GPT's.
         """
         passes, n_graph = self.pass_counts(passes)
         blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
+
+        def one_pass(y: Tensor, k: int) -> Tensor:  # the first one reads x itself unless blank
+            return self.rollout(x, y, 1, known)[-1] if blank or k else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+
         y = torch.zeros_like(x)
-        for k in range(passes):  # the first one reads x itself unless blank
+        for k in range(passes):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - n_graph):
-                y = self.rollout(x, y, 1, known)[-1] if blank or k else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+                # the last pass keeps its activations: the backward starts there and would rerun it at once
+                recompute = self.cfg.recompute_passes and torch.is_grad_enabled() and k < passes - 1
+                y = checkpoint(one_pass, y, k, use_reentrant=False) if recompute else one_pass(y, k)
         return y
 
     def prompt_lengths(self, idx: Tensor, generator: torch.Generator | None = None) -> Tensor:

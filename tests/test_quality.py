@@ -114,6 +114,24 @@ def test_gradient_through_the_last_pass_only():
     assert (grads[0][1] - grads[1][1]).abs().max() > 1e-6  # backpropagation through time differs
 
 
+@pytest.mark.parametrize("backbone", ["attention", "ssm"])
+@pytest.mark.parametrize("grad_passes", [0, 2])
+def test_recomputed_passes_change_memory_not_numbers(backbone, grad_passes):
+    torch.manual_seed(0)
+    idx, targets = torch.randint(11, (2, 8)), torch.randint(11, (2, 8))
+    runs = []
+    for recompute in (False, True):
+        model = tiny_model(3, backbone=backbone, ssm_head_dim=8, dropout=0.2, train_passes=4, grad_passes=grad_passes,
+                           train_prompts=0.5, recompute_passes=recompute).train()  # fmt: skip
+        torch.manual_seed(1)  # dropout masks, replayed by the recomputation
+        loss = model(idx, targets, generator=torch.Generator().manual_seed(1))[1]
+        loss.backward()
+        runs.append((loss, [p.grad for p in model.parameters()], torch.rand(1)))
+    (loss, grads, after), (loss_r, grads_r, after_r) = runs
+    assert torch.equal(loss, loss_r) and torch.equal(after, after_r)  # the global random stream moves as without
+    assert all(torch.equal(g, g_r) for g, g_r in zip(grads, grads_r, strict=True))
+
+
 def test_pass_config_is_validated():
     with pytest.raises(LadderError, match="train_passes and model.grad_passes must be >= 0"):
         load_config("shakespeare-char-cpu-ladder4", overrides=["model.train_passes=-1"])
