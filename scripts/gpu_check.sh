@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one short script (a few minutes): the tests that need CUDA, a short bf16 training run,
 # eval, and `ladderlm bench --json` on the visible CUDA device; then tokens/s and MFU against
-# the device's bf16 peak. Exits non-zero on any failure. Usage: bash scripts/gpu_check.sh [OUT_DIR]
+# the device's bf16 peak, and a training step's peak memory with and without recomputed passes.
+# Exits non-zero on any failure. Usage: bash scripts/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-$(mktemp -d)}
@@ -55,4 +56,7 @@ if spec:
     print(f"bf16 dense spec for {name}: {spec / 1e12:.0f} TFLOP/s -> MFU {flops / spec:.2%}")
 print("bench train tokens/s:", bench["train_tokens_per_s"], "| decode tokens/s:", bench["decode_tokens_per_s"])
 PY
+echo "== training memory, with and without recomputed passes (fp32)"
+python scripts/train_memory.py shakespeare-char-cpu shakespeare-char-cpu-ladder4 --batch 256 --device cuda
+
 echo "gpu_check: all passed (outputs in $out)"
