@@ -114,6 +114,7 @@ def run_bench(
     preset: str = "bench", overrides: list[str] = (), repeats: int = 5, prompt_len: int = 256, n_new: int = 256
 ) -> dict:
     cfg = load_config(preset, overrides=overrides)
+    load_config(preset, overrides=[*overrides, "model.backbone=ssm"])  # validated too: the SSM pair runs beside
     cfg.model.vocab_size = BENCH_VOCAB
     device = resolve_device(cfg.train.device)
 

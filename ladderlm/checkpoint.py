@@ -27,7 +27,7 @@ def resolve(path: str | Path) -> Path:
     elif (path / "ckpt.old").is_dir():  # a crash between the two renames of `save`
         path = path / "ckpt.old"
     if not path.is_dir():
-        raise LadderError(f"checkpoint dir {path} does not exist")
+        raise LadderError(f"checkpoint dir {path} {'is not a directory' if path.exists() else 'does not exist'}")
     missing = [f for f in CKPT_FILES if not (path / f).is_file()]
     if missing:
         raise LadderError(f"{path} is not a checkpoint dir: it lacks {', '.join(missing)}")

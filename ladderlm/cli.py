@@ -13,7 +13,8 @@ from .errors import LadderError, TrainingInterrupted
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
-        raise LadderError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("ladderlm").strip()  # main prints "ladderlm: error: "
+        raise LadderError(f"{command}: {message}" if command else message)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -31,9 +32,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.preset or args.config:
             raise LadderError("--resume continues the run's own config; use --set to change keys")
-        ckpt = Run(Path(args.out)).ckpt
-        if not (ckpt.is_dir() or ckpt.with_name("ckpt.old").is_dir()):  # .old: a crash inside a checkpoint write
-            raise LadderError(f"nothing to resume: {ckpt} does not exist")
+        run = Run(Path(args.out))
+        if not (run.ckpt.is_dir() or run.ckpt.with_name("ckpt.old").is_dir()):  # .old: a crash inside a checkpoint write
+            if run.metrics.exists():
+                raise LadderError(f"nothing to resume: {run.out} stopped before its first checkpoint; remove it and start again")
+            raise LadderError(f"nothing to resume: {run.ckpt} does not exist")
         _, cfg, _ = checkpoint.load(args.out)
         cfg = validate(apply_overrides(cfg, args.set))
     else:
@@ -74,13 +77,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         ("--temperature", args.temperature >= 0),
         ("--top-k", args.top_k is None or args.top_k >= 1),
         ("--top-p", args.top_p is None or 0 < args.top_p <= 1),
-        ("--stop", all(args.stop)),
+        ("--seed", 0 <= args.seed < 2**63),
     ):
         if not ok:
             raise LadderError(f"{name} is out of range")
+    if not all(args.stop):
+        raise LadderError("--stop must not be empty")
     if args.stream and len(prompts) * args.num_samples != 1:
         raise LadderError("--stream prints one sample; give one --prompt and --num-samples 1")
-    model, _, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device), args.set)
+    model, _, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device, "--device"), args.set)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     window = model.cfg.block_size - 1  # tokens after the start token
     if args.no_slide and max(map(len, prompt_ids)) > window:
@@ -141,7 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise LadderError("--rows and --batch-size must be >= 1")
     if args.samples < 0 or args.sample_length < 8:
         raise LadderError("--samples must be >= 0 and --sample-length >= 8")
-    model, cfg, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device), args.set)
+    if not 0 <= args.seed < 2**63:
+        raise LadderError("--seed is out of range")
+    device = resolve_device(args.device, "--device")
+    model, cfg, tokenizer = checkpoint.load(args.ckpt, device, args.set)
     data = TokenData.open(args.data)
     ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
     if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
@@ -150,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise LadderError(f"--sample-length {args.sample_length} exceeds the validation split ({len(data.val)} tokens)")
     scorer = model
     if args.scorer:  # loaded and checked before the long evaluation, not after it
-        scorer = checkpoint.load(args.scorer, resolve_device(args.device))[0]
+        scorer = checkpoint.load(args.scorer, device)[0]
         if json.loads((checkpoint.resolve(args.scorer) / "tokenizer.json").read_text()) != ckpt_tok:
             raise LadderError(f"scorer {args.scorer} was trained with another tokenizer than {args.ckpt}")
     result = evaluate(model, data, args.rows, args.batch_size)
@@ -170,6 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
+    if args.repeats < 1:
+        raise LadderError("--repeats must be >= 1")
     result = run_bench(args.preset, args.set, args.repeats)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
@@ -177,16 +187,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_explain(args: argparse.Namespace) -> None:
     from .explain import explain
 
-    if not 1 <= args.n_step <= 64 or not 0 <= args.new_tokens <= 64:
-        raise LadderError("--n-step must be in [1, 64] and --new-tokens in [0, 64]")
+    if not 1 <= args.n_step <= 64 or not 0 <= args.new_tokens <= 64 or len(args.prompt) > 64:
+        raise LadderError("--n-step must be in [1, 64], --new-tokens in [0, 64] and --prompt at most 64 characters")
     print(explain(args.n_step, _prompt_text(args.prompt), args.new_tokens))
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plot import plot
 
-    plot(args.kind, [Path(r) for r in args.runs], Path(args.out))
-    print(f"wrote {args.out}")
+    print(f"wrote {plot(args.kind, [Path(r) for r in args.runs], Path(args.out))}")
 
 
 SAMPLING_HELP = (
@@ -205,14 +214,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--source", default="stdlib", help="stdlib (embedded default), shakespeare (download), or a file/dir PATH")
     p.add_argument("--tokenizer", choices=("char", "bpe"), default="char")
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model (or --resume one)")
     p.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--config", help="a TOML config file")
     p.add_argument("--data", required=True, help="a dir written by `ladderlm prepare`")
-    p.add_argument("--out", required=True, help="run dir: config, metrics, TensorBoard events, ckpt/")
+    p.add_argument("--out", required=True, help="run dir, new or empty: config, metrics, TensorBoard events, ckpt/")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.max_iters=100"
     )
@@ -287,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         print(f"ladderlm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError (CUDA: its subclass OutOfMemoryError)
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        print(f"ladderlm: error: out of memory: {str(e).splitlines()[0] if str(e) else 'MemoryError'}", file=sys.stderr)
         return 1
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -130,9 +131,16 @@ def _check_value(dotted: str, value: Any) -> Any:
         value = float(value)
     if type(value) is not want:
         raise LadderError(f"{dotted} must be {want.__name__}, got {value!r}")
+    if want is float and not math.isfinite(value):
+        raise LadderError(f"{dotted} must be a finite number, got {value}")
     if dotted in CHOICES and value not in CHOICES[dotted]:
         raise LadderError(f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
     return value
+
+
+def differing_keys(a: Config, b: Config, sections: tuple[str, ...] = ("model", "nextlat")) -> list[str]:
+    """The keys of `sections` whose values differ between two configs."""
+    return [f"{s}.{k}" for s in sections for k, v in vars(getattr(b, s)).items() if getattr(getattr(a, s), k) != v]
 
 
 def _unknown_key(dotted: str) -> LadderError:
@@ -209,7 +217,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
     elif path is not None:
         path = Path(path)
         if not path.is_file():
-            raise LadderError(f"config file {path} does not exist")
+            raise LadderError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
         cfg = from_dict(_read_toml(path.read_text(encoding="utf-8", errors="replace"), str(path)))
     else:
         cfg = Config()
@@ -267,6 +275,8 @@ def validate(cfg: Config) -> Config:
     for key in ("warmup_iters", "lr_decay_iters", "seed", "skip_nonfinite", "early_passes", "early_passes_iters"):
         if getattr(t, key) < 0:
             raise LadderError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if t.seed >= 2**63:
+        raise LadderError(f"train.seed must be below 2**63, got {t.seed}")
     if t.grad_clip < 0 or t.weight_decay < 0:
         raise LadderError("train.grad_clip and train.weight_decay must be >= 0")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sysconfig
 import urllib.error
 import urllib.request
@@ -73,8 +75,22 @@ def read_source(source: str) -> list[str]:
     return path_documents(Path(source))
 
 
+def check_out(source: str, out: Path) -> None:
+    """Refuse an --out that holds anything (never overwrite), or that a directory --source would read back."""
+    if out.is_dir():
+        if any(out.iterdir()):
+            raise LadderError(f"{out} already exists and is not empty; choose another --out or remove it")
+    elif out.exists() or out.is_symlink():
+        raise LadderError(f"{out} already exists and is not a directory; choose another --out")
+    src = Path(source)
+    if source not in ("stdlib", "shakespeare") and src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise LadderError(f"--out {out} is inside --source {source}, which would read it back; choose an --out outside it")
+
+
 def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> dict:
     """Tokenize a corpus into `out`: train.bin / val.bin (first 90% / last 10%), tokenizer, meta."""
+    out = Path(out)
+    check_out(source, out)  # before the slow part: reading and tokenizing can take minutes
     documents = read_source(source)
     if tokenizer == "char":
         tok: Tokenizer = CharTokenizer.train(documents)
@@ -94,6 +110,8 @@ def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> di
     ids = np.concatenate(pieces)
     n_train = int(0.9 * len(ids))
     train, val = ids[:n_train], ids[n_train:]
+    if not len(train):  # one token; longer corpora always leave both splits at least one
+        raise LadderError(f"source {source} gives only {len(ids)} token; too small to split into train and val")
     # NUL between documents, so that moving a boundary changes the hash; one document hashes like its file
     sha = hashlib.sha256(b"\0".join(doc.encode("utf-8") for doc in documents))
     meta = {
@@ -107,11 +125,20 @@ def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> di
         "val_tokens": len(val),
         "val_chars": len(tok.decode(val.tolist())),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    train.tofile(out / "train.bin")
-    val.tofile(out / "val.bin")
-    tok.save(out / "tokenizer.json")
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # Write a hidden sibling dir, then rename it into place: a failed write leaves nothing at `out`.
+    target = out.resolve()
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        train.tofile(tmp / "train.bin")
+        val.tofile(tmp / "val.bin")
+        tok.save(tmp / "tokenizer.json")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.rename(target)  # replaces an empty dir only; never one that filled up meanwhile
+    except OSError as e:
+        raise LadderError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
     return meta
 
 
@@ -142,9 +169,16 @@ class TokenData:
         splits = {}
         for split in ("train", "val"):
             f = path / f"{split}.bin"
-            if f.stat().st_size % 2:
+            size = f.stat().st_size
+            if size % 2:
                 raise LadderError(f"{f} is corrupt: odd number of bytes for uint16 tokens")
-            splits[split] = np.memmap(f, dtype=np.uint16, mode="r") if f.stat().st_size else np.zeros(0, np.uint16)
+            if not size:  # prepare never writes an empty split
+                raise LadderError(f"{f} holds no tokens; prepare a larger corpus")
+            ids = np.memmap(f, dtype=np.uint16, mode="r")
+            top = int(ids.max())  # one pass; an id past the vocabulary would crash training deep inside torch
+            if top >= vocab_size:
+                raise LadderError(f"{f} is corrupt: token id {top} is not below vocab_size {vocab_size}")
+            splits[split] = ids
         return cls(path, splits["train"], splits["val"], tokenizer, meta)
 
     def batch(

@@ -19,14 +19,23 @@ from torch import nn
 from .errors import LadderError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N, mps) names, checked to exist; `option` is what set it."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LadderError("train.device=cuda but no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LadderError("train.device=mps but MPS is not available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise LadderError(f"{option}={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LadderError(f"{option}={name} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LadderError(f"{option}={name} but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LadderError(f"{option}={name} but MPS is not available")
+    return device
 
 
 @dataclass

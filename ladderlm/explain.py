@@ -9,6 +9,11 @@ from . import ladder
 START = "^"  # the start-of-text token every window begins with
 
 
+def _visible(char: str) -> str:
+    """A one-cell label for a prompt character: spaces and control characters would break the grid."""
+    return "␣" if char == " " else char if char.isprintable() else repr(char)[1:-1]
+
+
 def _label(j: int, prompt: list[str]) -> str:
     if j < 0:
         return "."
@@ -21,7 +26,7 @@ def explain(n_step: int, prompt_text: str, new_tokens: int = 2) -> str:
     Tokens are the prompt's characters after the start token '^'; '#k' is the k-th generated
     token; '.' a pad. Rungs are listed clean (S-1) first, as in the seed's drawing.
     """
-    S, prompt = n_step, [START, *prompt_text]
+    S, prompt = n_step, [START, *map(_visible, prompt_text)]
     t = len(prompt)
     rungs = range(S - 1, -1, -1)
     width = max(len(_label(j, prompt)) for j in range(-1, t + S + new_tokens)) + 1

@@ -3,26 +3,86 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from pathlib import Path
 
 from .errors import LadderError
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _run_file(run_dir: Path, name: str) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise LadderError(f"run dir {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise LadderError(f"{run_dir} is not a run dir (the directory `ladderlm train --out` writes)")
+    return run_dir / name
+
+
+def _name(run_dir: Path) -> str:
+    return Path(run_dir).absolute().name  # `plot .` gets a legend entry too
+
+
+PLOTTED = ("step", "loss", "val_loss")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of a run's metrics.jsonl, less a torn last line."""
+    path = _run_file(run_dir, "metrics.jsonl")
     if not path.is_file():
         raise LadderError(f"{run_dir} has no metrics.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if n == lines[-1][0]:
+                break  # a kill in the middle of a write; `train` skips it too
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"{e.msg} at column {e.colno}"
+            raise LadderError(f"{path} line {n} is corrupt ({why}); fix or delete that line") from None
+        # "step" is in every record `train` writes; "loss" and "val_loss" only in some
+        if not isinstance(record, dict) or "step" not in record or any(k in record and not _number(record[k]) for k in PLOTTED):
+            raise LadderError(f"{path} line {n} is not a metrics record (an object with numbers for {', '.join(PLOTTED)})")
+        records.append(record)
+    return records
 
 
 def read_eval(run_dir: Path) -> dict:
-    path = Path(run_dir) / "eval.json"
+    path = _run_file(run_dir, "eval.json")
     if not path.is_file():
         raise LadderError(f"{run_dir} has no eval.json; write it with `ladderlm eval --ckpt {run_dir} --data DATA --save`")
     try:
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LadderError(f"{path} is corrupt: {e}") from None
+    if not isinstance(result, dict):
+        raise LadderError(f"{path} is not an eval result; rewrite it with `ladderlm eval --ckpt {run_dir} --data DATA --save`")
+    return result
+
+
+def _eval_fields(run_dir: Path, **checks) -> list:
+    """The fields of the run's eval.json that `checks` name, each accepted by its check; an old eval.json may lack them."""
+    result = read_eval(run_dir)
+    for key, ok in checks.items():
+        if key not in result or not ok(result[key]):
+            what = "lacks" if key not in result else "has a malformed"
+            path = Path(run_dir) / "eval.json"
+            raise LadderError(f"{path} {what} {key!r}; rewrite it with `ladderlm eval --ckpt {run_dir} --data DATA --save`")
+    return [result[key] for key in checks]
+
+
+def _rungs_ok(rungs) -> bool:
+    return (
+        isinstance(rungs, list)
+        and len(rungs) > 0
+        and all(isinstance(r, dict) and _number(r.get("rung")) and _number(r.get("ce")) for r in rungs)
+        and all(r.get("denoise_ratio") is None or _number(r["denoise_ratio"]) for r in rungs)
+    )
 
 
 def _pyplot():
@@ -34,14 +94,39 @@ def _pyplot():
     return plt
 
 
-def plot(kind: str, run_dirs: list[Path], out: Path) -> None:
-    """Write figure `kind` (losses, rungs or free-vs-tf) of the runs to `out`."""
+def check_out(out: Path) -> Path:
+    """Refuse an --out that matplotlib would write elsewhere (a dir, no extension) or not at all, before any work."""
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out = Path(out)
+    if out.is_dir():
+        raise LadderError(f"--out {out} is a directory; give a file such as {out / 'loss.png'}")
+    if not out.parent.is_dir():
+        raise LadderError(f"--out {out}: directory {out.parent} does not exist")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = out.suffix[1:].lower()
+    if ext not in formats:
+        # with no extension matplotlib would silently write OUT.png
+        what = f"has unsupported extension .{ext}" if ext else "has no extension"
+        raise LadderError(f"--out {out} {what}; use one of: {', '.join(sorted(formats))}")
+    texsystem = matplotlib.rcParams["pgf.texsystem"]
+    if ext == "pgf" and shutil.which(texsystem) is None:
+        raise LadderError(f"--out {out}: writing .pgf needs {texsystem}, which is not installed")
+    return out
+
+
+def plot(kind: str, run_dirs: list[Path], out: Path) -> Path:
+    """Write figure `kind` (losses, rungs or free-vs-tf) of the runs to `out`; returns the path written."""
+    out = check_out(out)
     {"losses": plot_losses, "rungs": plot_rungs, "free-vs-tf": plot_free_vs_teacher_forced}[kind](run_dirs, out)
+    return out
 
 
 def _save(fig, ax, out: Path) -> None:
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     fig.clf()
@@ -49,13 +134,12 @@ def _save(fig, ax, out: Path) -> None:
 
 def plot_rungs(run_dirs: list[Path], out: Path) -> None:
     """Per-rung teacher-forced cross-entropy (left) and denoise ratio (right, rungs 1..S-1) per run."""
+    runs = [(_name(d), *_eval_fields(d, per_rung=_rungs_ok)) for d in run_dirs]  # read all before drawing
     plt = _pyplot()
     fig, (ce_ax, dn_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for run_dir in run_dirs:
-        rungs = read_eval(run_dir)["per_rung"]
-        name = Path(run_dir).name
+    for name, rungs in runs:
         ce_ax.plot([r["rung"] for r in rungs], [r["ce"] for r in rungs], "o-", label=name)
-        ratios = [(r["rung"], r["denoise_ratio"]) for r in rungs if r["denoise_ratio"] is not None]
+        ratios = [(r["rung"], r["denoise_ratio"]) for r in rungs if r.get("denoise_ratio") is not None]
         if ratios:
             dn_ax.plot(*zip(*ratios), "o-", label=name)
     ce_ax.set(xlabel="rung (0 noisiest, S-1 clean)", ylabel="teacher-forced cross-entropy (nats)")
@@ -67,14 +151,18 @@ def plot_rungs(run_dirs: list[Path], out: Path) -> None:
 
 def plot_free_vs_teacher_forced(run_dirs: list[Path], out: Path) -> None:
     """Free-running loss against teacher-forced loss, one point per run; the diagonal is no mismatch."""
+    points = []
+    for d in run_dirs:
+        tf, free = _eval_fields(d, teacher_forced_loss=_number, free_running_loss=_number)
+        if not all(math.isfinite(x) and x > 0 for x in (tf, free)):  # a diverged run: log axes cannot place it
+            losses = f"{tf} (teacher-forced), {free} (free-running)"
+            raise LadderError(f"{Path(d) / 'eval.json'} has losses {losses} that log axes cannot show")
+        points.append((_name(d), tf, free))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
-    points = []
-    for run_dir in run_dirs:
-        result = read_eval(run_dir)
-        points.append((result["teacher_forced_loss"], result["free_running_loss"]))
-        ax.plot(*points[-1], "o", label=Path(run_dir).name)
-    lo, hi = min(min(p) for p in points), max(max(p) for p in points)
+    for name, tf, free in points:
+        ax.plot(tf, free, "o", label=name)
+    lo, hi = min(min(p[1:]) for p in points), max(max(p[1:]) for p in points)
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="free = teacher-forced")
     ax.set(xlabel="teacher-forced clean-rung loss (nats)", ylabel="free-running loss (nats)", xscale="log", yscale="log")
     _save(fig, ax, out)
@@ -83,11 +171,10 @@ def plot_free_vs_teacher_forced(run_dirs: list[Path], out: Path) -> None:
 
 def plot_losses(run_dirs: list[Path], out: Path) -> None:
     """Training loss (thin) and validation loss (markers) per run against steps."""
+    runs = [(_name(d), read_metrics(d)) for d in run_dirs]  # read all before drawing
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run_dir in run_dirs:
-        records = read_metrics(run_dir)
-        name = Path(run_dir).name
+    for name, records in runs:
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         if train:

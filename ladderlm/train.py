@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import Config, save_json
+from .config import Config, differing_keys, save_json
 from .data import TokenData
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
@@ -161,7 +161,8 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop records past `step` (written after the checkpoint a resume starts from), and a torn last line."""
+        """Drop records written after the checkpoint a resume starts from (those past `step`, and the
+        evaluation at `step` itself, which comes after its checkpoint and is run again), and a torn line."""
         if self.metrics.exists():
             records = []
             for line in self.metrics.read_text().splitlines():
@@ -169,7 +170,21 @@ class Run:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:  # a crash in the middle of a write
                     continue
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", step + 1) <= step))
+            kept = [r for r in records if r.get("step", step + 1) < step or (r.get("step") == step and "val_loss" not in r)]
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def check_fresh(self) -> None:
+        """A new run needs an out dir that is absent or empty: never write over a run or a user's files."""
+        if self.ckpt.exists() or self.ckpt.with_name("ckpt.old").exists():
+            raise LadderError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        if self.metrics.exists():
+            raise LadderError(
+                f"{self.out} holds a run that stopped before its first checkpoint; remove it or choose another --out"
+            )
+        if self.out.exists() and not self.out.is_dir():
+            raise LadderError(f"--out {self.out} is a file, not a directory")
+        if self.out.is_dir() and any(self.out.iterdir()):
+            raise LadderError(f"--out {self.out} is not empty; choose a new or empty directory")
 
 
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -195,8 +210,10 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         trained_on = (state["data_sha256"], state["tokenizer"], cfg.model.vocab_size)
         if trained_on != (data.meta["sha256"], data.tokenizer.kind, data.meta["vocab_size"]):
             raise LadderError(f"{data.path} is not the data this run was trained on (corpus or tokenizer differs)")
-    elif run.ckpt.exists() or run.metrics.exists():
-        raise LadderError(f"{run.out} already holds a run; pass --resume to continue it or choose another --out")
+        if cfg.train.max_iters < state["step"]:
+            raise LadderError(f"the checkpoint is at step {state['step']}; train.max_iters={cfg.train.max_iters} is before it")
+    else:
+        run.check_fresh()
     cfg.model.vocab_size = data.meta["vocab_size"]
     if len(data.train) < cfg.model.block_size or len(data.val) < cfg.model.block_size:
         raise LadderError(f"{data.path}: each split needs at least block_size={cfg.model.block_size} tokens")
@@ -208,11 +225,17 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     data_gen = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
     step = 0
     if resume:
-        resumed, _, _ = checkpoint.load(run.ckpt, device)
-        model.load_state_dict(resumed.state_dict())
-        if objective.psi is not None:
-            checkpoint.load_module(run.ckpt, "psi", objective.psi)
-        optimizer.load_state_dict(state["optimizer"])
+        resumed, saved, _ = checkpoint.load(run.ckpt, device)
+        changed = differing_keys(saved, cfg)
+        try:
+            model.load_state_dict(resumed.state_dict())
+            if objective.psi is not None:
+                checkpoint.load_module(run.ckpt, "psi", objective.psi)
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, LadderError) as e:
+            if not changed:  # the checkpoint's own files disagree
+                raise LadderError(f"{run.ckpt} is corrupt: {str(e).splitlines()[0]}") from None
+            raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
         step = state["step"]
         set_rng_states(state)
         data_gen.set_state(state["data_rng"])

@@ -16,7 +16,8 @@ echo "== tests that need CUDA"
 python -m pytest -q -m cuda tests
 
 echo "== short training run (demo preset, bf16 autocast)"
-ladderlm prepare --source stdlib --out "$out/data"
+[ -f "$out/data/meta.json" ] || ladderlm prepare --source stdlib --out "$out/data"
+rm -rf "$out/run"  # a rerun into the same OUT_DIR trains afresh
 ladderlm train --preset demo --data "$out/data" --out "$out/run" --no-progress \
   --set train.max_iters=300 --set train.batch_size=64 --set train.eval_interval=150 --set train.precision=bf16
 ladderlm eval --ckpt "$out/run" --data "$out/data" --json --rows 256 | tee "$out/eval.json"

@@ -88,3 +88,48 @@ def test_invalid_utf8_prompt_in_a_real_process(run_dir):
     )
     assert result.returncode == 1
     assert result.stderr.decode() == "ladderlm: error: the prompt is not valid UTF-8\n"
+
+
+def test_out_of_range_options_are_one_line(tmp_path, run_dir, data_dir, capsys):
+    sample = ["sample", "--ckpt", str(run_dir), "--max-new-tokens", "4"]
+    run_bad(capsys, [*sample, "--seed", str(2**64)], run_dir, match="--seed is out of range")
+    run_bad(capsys, ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--seed", "-1"], run_dir, match="--seed")
+    run_bad(capsys, [*sample, "--stop", ""], run_dir, match="--stop must not be empty")
+    run_bad(capsys, [*sample, "--device", "bogus"], run_dir, match="--device=bogus is not a device")
+    run_bad(capsys, [*sample, "--device", "cuda:7"], run_dir, match="--device=cuda:7")
+    run_bad(capsys, ["sample", "--ckpt", str(run_dir / "metrics.jsonl")], run_dir, match="is not a directory")
+    run_bad(capsys, ["train", "--config", str(tmp_path), "--data", str(data_dir), "--out", str(tmp_path / "r")], tmp_path,
+            match="is not a file")  # fmt: skip
+    run_bad(capsys, ["bench", "--repeats", "0"], tmp_path, match="--repeats must be >= 1")
+    run_bad(capsys, ["bench", "--set", "model.n_embd=16"], tmp_path, match="ssm_head_dim")
+    run_bad(capsys, ["explain", "--prompt", "x" * 65], tmp_path, match="at most 64 characters")
+    for bad in ("inf", "nan"):
+        run_bad(capsys, ["train", "--preset", "demo", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                         "--set", f"train.learning_rate={bad}"], tmp_path, match="must be a finite number")  # fmt: skip
+
+
+def test_argparse_errors_name_the_command_once(capsys):
+    run_bad(capsys, ["sample", "--ckpt", "x", "--temperature", "hot"], Path(__file__).parent, match="error: sample: argument")
+
+
+def test_a_tiny_temperature_is_nearly_greedy(run_dir, capsys):
+    greedy = ["sample", "--ckpt", str(run_dir), "--prompt", "The", "--max-new-tokens", "30"]
+    texts = []
+    for temperature in ("0", "1e-45"):
+        assert main([*greedy, "--temperature", temperature]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > 10
+
+
+def test_explain_draws_spaces_and_control_characters_in_one_cell(capsys):
+    assert main(["explain", "--n-step", "2", "--prompt", "a b\tc"]) == 0
+    grid = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rung 0")][0]
+    assert "␣" in grid and "\\t" in grid and "\t" not in grid
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+    def allocate(_args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: 8 TB\nmore")
+
+    monkeypatch.setattr("ladderlm.cli.cmd_explain", allocate)
+    run_bad(capsys, ["explain"], Path(__file__).parent, match="out of memory")

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -100,3 +101,63 @@ def test_data_dir_errors(tmp_path, data_dir):
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": "lots"}))
     with pytest.raises(LadderError, match="corrupt meta.json"):
         TokenData.open(tmp_path)
+
+
+def test_prepare_never_overwrites(tmp_path, corpus_file):
+    out = tmp_path / "out"
+    prepare(str(corpus_file), "char", out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    (tmp_path / "other.txt").write_text("other text")
+    with pytest.raises(LadderError, match="not empty"):
+        prepare(str(tmp_path / "other.txt"), "char", out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    with pytest.raises(LadderError, match="not a directory"):
+        prepare(str(corpus_file), "char", tmp_path / "other.txt")
+    (tmp_path / "empty").mkdir()
+    assert prepare(str(tmp_path / "other.txt"), "char", tmp_path / "empty")["documents"] == 1
+
+
+def test_failed_prepare_leaves_nothing(tmp_path, corpus_file, monkeypatch):
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CharTokenizer, "save", disk_full)  # after train.bin and val.bin are written
+    with pytest.raises(LadderError, match="cannot write .*No space left"):
+        prepare(str(corpus_file), "char", tmp_path / "sub" / "out")
+    assert list((tmp_path / "sub").iterdir()) == []  # neither `out` nor the hidden temp dir
+
+
+def test_prepare_refuses_out_inside_source(tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.txt").write_text("some text")
+    with pytest.raises(LadderError, match="inside --source"):
+        prepare(str(src), "char", src / "data")
+    assert [f.name for f in src.iterdir()] == ["a.txt"]
+
+
+def test_prepare_refuses_a_corpus_too_small_to_split(tmp_path):
+    (tmp_path / "one.txt").write_text("a")
+    with pytest.raises(LadderError, match="too small"):
+        prepare(str(tmp_path / "one.txt"), "char", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "five.txt").write_text("hello")
+    meta = prepare(str(tmp_path / "five.txt"), "char", tmp_path / "out")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (4, 1)
+    assert len(TokenData.open(tmp_path / "out").val) == 1
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_bad_token_files(tmp_path, data_dir, split):
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    f = d / f"{split}.bin"
+    ids = np.fromfile(f, dtype=np.uint16)
+    vocab_size = TokenData.open(d).tokenizer.vocab_size
+    ids[len(ids) // 2] = vocab_size  # one past the last id
+    ids.tofile(f)
+    with pytest.raises(LadderError, match=f"{split}.bin is corrupt: token id {vocab_size} is not below vocab_size"):
+        TokenData.open(d)
+    f.write_bytes(b"")
+    with pytest.raises(LadderError, match=f"{split}.bin holds no tokens"):
+        TokenData.open(d)

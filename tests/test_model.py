@@ -127,4 +127,4 @@ def test_filters():
     g = torch.Generator().manual_seed(0)
     picks = {int(sampler(1.0, 1, None, g)(logits, 0)) for _ in range(20)}
     assert picks == {1}
-    assert torch.allclose(filter_logits(logits, temperature=2.0), logits / 2)
+    assert torch.allclose(filter_logits(logits, temperature=2.0).softmax(-1), (logits / 2).softmax(-1))  # up to a shift

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from ladderlm.cli import main
 
 from .conftest import train_args
+from .test_cli import run_bad
 
 
 def test_run_dir_contents(run_dir):
@@ -64,3 +65,38 @@ def test_refuses_to_overwrite_a_run(run_dir, data_dir, capsys):
     assert main(train_args(data_dir, run_dir)) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_new_run_needs_an_absent_or_empty_out_dir(tmp_path, data_dir, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"important": 1}')
+    run_bad(capsys, train_args(data_dir, mine), tmp_path, match="is not empty")
+    run_bad(capsys, train_args(data_dir, mine / "config.json"), tmp_path, match="is a file")
+    (tmp_path / "empty").mkdir()
+    assert main(train_args(data_dir, tmp_path / "empty", "--set", "train.max_iters=2")) == 0
+
+
+def test_a_run_that_died_before_its_first_checkpoint_says_what_to_do(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    nan = ["--set", "train.learning_rate=1e30", "--set", "train.min_lr=0", "--set", "train.warmup_iters=0"]
+    assert main(train_args(data_dir, run, *nan, "--set", "train.max_iters=50")) == 1
+    capsys.readouterr()
+    run_bad(capsys, train_args(data_dir, run), tmp_path, match="stopped before its first checkpoint; remove it")
+    run_bad(capsys, ["train", "--data", str(data_dir), "--out", str(run), "--resume"], tmp_path,
+            match="stopped before its first checkpoint; remove it")  # fmt: skip
+
+
+def test_resume_refuses_what_cannot_continue(run_dir, data_dir, capsys):
+    resume = ["train", "--data", str(data_dir), "--out", str(run_dir), "--resume", "--no-progress"]
+    run_bad(capsys, [*resume, "--set", "train.max_iters=5"], run_dir, match="at step 20; train.max_iters=5 is before it")
+    for key in ("model.n_layer=1", "model.n_embd=64", "model.block_size=32", "nextlat.horizon=1"):
+        run_bad(capsys, [*resume, "--set", key], run_dir, match=f"cannot resume with another {key.split('=')[0]}")
+
+
+def test_resuming_a_finished_run_logs_its_last_evaluation_once(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=4", "--set", "train.eval_interval=2")) == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert (run / "metrics.jsonl").read_text() == before  # the final evaluation, run again, is the same record

@@ -1,0 +1,133 @@
+"""`ladderlm plot` on hand-written run dirs: good ones plot, every bad one is one line on stderr and no file written."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ladderlm.cli import main
+from ladderlm.plot import plot
+
+from .test_cli import run_bad
+
+METRICS = [
+    {"step": 0, "train_loss": 4.2, "val_loss": 4.1},
+    {"step": 10, "loss": 4.0, "lr": 1e-4},
+    {"step": 20, "loss": 3.6, "lr": 2e-4},
+    {"step": 20, "train_loss": 3.5, "val_loss": 3.55},
+]
+EVAL = {
+    "free_running_loss": 1.9,
+    "teacher_forced_loss": 1.7,
+    "per_rung": [{"rung": 0, "ce": 2.5, "denoise_ratio": None}, {"rung": 1, "ce": 1.7, "denoise_ratio": 0.4}],
+}
+
+
+def make_run(tmp_path: Path, metrics: bytes | None = None, result=EVAL, name: str = "run") -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in METRICS)
+    (run / "metrics.jsonl").write_bytes(lines if metrics is None else metrics)
+    (run / "eval.json").write_text(json.dumps(result))
+    return run
+
+
+@pytest.mark.parametrize("kind", ["losses", "rungs", "free-vs-tf"])
+def test_plot_writes_the_path_it_reports(tmp_path, capsys, kind):
+    runs = [make_run(tmp_path, name="a"), make_run(tmp_path, name="b")]
+    out = tmp_path / "fig.png"
+    assert main(["plot", *map(str, runs), "--kind", kind, "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert plot(kind, runs, tmp_path / "fig.PDF") == tmp_path / "fig.PDF"  # the extension's case does not matter
+    assert (tmp_path / "fig.PDF").read_bytes()[:4] == b"%PDF"
+
+
+@pytest.mark.parametrize("torn", [b'{"step": 30, "lo', b'{"step": 30, "lo\n', b'{"step": 30, "loss": 3.\xe2\x80'])
+def test_torn_last_line_is_skipped(tmp_path, torn):
+    """What a kill in the middle of a write leaves; `train` skips it too."""
+    good = (make_run(tmp_path, name="good") / "metrics.jsonl").read_bytes()
+    run = make_run(tmp_path, good + torn)
+    assert main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        (b'{"step": 30, "lo', "line 2 is corrupt (Unterminated string"),
+        (b'{"step": 30, "loss": 3.\xff}', "line 2 is corrupt (not UTF-8 text)"),
+        (b'{"loss": 3.0}', "line 2 is not a metrics record"),
+        (b'{"step": "30", "loss": 3.0}', "line 2 is not a metrics record"),
+        (b'{"step": 30, "loss": null}', "line 2 is not a metrics record"),
+        (b"[30, 3.0]", "line 2 is not a metrics record"),
+    ],
+)
+def test_bad_metrics_line(tmp_path, capsys, line, match):
+    run = make_run(tmp_path, b'{"step": 10, "loss": 4.0}\n' + line + b'\n{"step": 20, "loss": 3.6}\n')
+    run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match=f"metrics.jsonl {match}")
+
+
+def test_bad_last_record_is_not_torn(tmp_path, capsys):
+    """A last line that parses was written whole: a bad record there is an error, not skipped."""
+    run = make_run(tmp_path, b'{"step": 10, "loss": 4.0}\n{"loss": 3.0}\n')
+    run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match="line 2 is not a metrics record")
+
+
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        ("p.xyz", "--out {out} has unsupported extension .xyz; use one of: "),
+        ("p", "--out {out} has no extension; use one of: "),
+        ("data", "--out {out} is a directory"),
+        ("missing/p.png", "directory {tmp}/missing does not exist"),
+        ("run/metrics.jsonl", "has unsupported extension .jsonl"),  # never overwrites an input
+    ],
+)
+def test_bad_out_is_refused_before_any_work(tmp_path, capsys, out, match):
+    (tmp_path / "data").mkdir()
+    make_run(tmp_path)
+    out = tmp_path / out
+    # the run dirs do not exist either: --out is checked first
+    argv = ["plot", str(tmp_path / "nope"), "--out", str(out)]
+    run_bad(capsys, argv, tmp_path, match=match.format(out=out, tmp=tmp_path))
+    if "use one of" in match:
+        run_bad(capsys, argv, tmp_path, match="png, ")
+
+
+@pytest.mark.parametrize(
+    "kind, result, match",
+    [
+        ("rungs", {}, "eval.json lacks 'per_rung'"),
+        ("free-vs-tf", {}, "eval.json lacks 'teacher_forced_loss'"),
+        ("free-vs-tf", {"teacher_forced_loss": 1.0}, "eval.json lacks 'free_running_loss'"),
+        ("rungs", [], "eval.json is not an eval result"),
+        ("free-vs-tf", [], "eval.json is not an eval result"),
+        ("rungs", {"per_rung": [{"rung": 0}]}, "eval.json has a malformed 'per_rung'"),
+        ("rungs", {"per_rung": []}, "eval.json has a malformed 'per_rung'"),
+        ("free-vs-tf", {"teacher_forced_loss": "1.7", "free_running_loss": 1.9}, "malformed 'teacher_forced_loss'"),
+        ("free-vs-tf", {"teacher_forced_loss": 1.7, "free_running_loss": float("nan")}, "that log axes cannot show"),
+    ],
+)
+def test_bad_eval(tmp_path, capsys, kind, result, match):
+    run = make_run(tmp_path, result=result)
+    argv = ["plot", str(run), "--kind", kind, "--out", str(tmp_path / "p.png")]
+    run_bad(capsys, argv, tmp_path, match=match)
+    if "log axes" not in match:  # a diverged run: a new eval.json would say the same
+        run_bad(capsys, argv, tmp_path, match=f"rewrite it with `ladderlm eval --ckpt {run} --data DATA --save`")
+
+
+def test_corrupt_eval(tmp_path, capsys):
+    run = make_run(tmp_path)
+    (run / "eval.json").write_bytes(b'{"per_rung": \xff')
+    run_bad(capsys, ["plot", str(run), "--kind", "rungs", "--out", str(tmp_path / "p.png")], tmp_path, match="is corrupt")
+
+
+@pytest.mark.parametrize("kind", ["losses", "rungs"])
+def test_bad_run_dir(tmp_path, capsys, kind):
+    run = make_run(tmp_path)
+    out = str(tmp_path / "p.png")
+    run_bad(capsys, ["plot", str(tmp_path / "nope"), "--kind", kind, "--out", out], tmp_path, match="does not exist")
+    run_bad(capsys, ["plot", str(run / "eval.json"), "--kind", kind, "--out", out], tmp_path, match="is not a run dir")
+    # a good run first: nothing is written when a later one is bad
+    run_bad(capsys, ["plot", str(run), str(tmp_path / "nope"), "--kind", kind, "--out", out], tmp_path, match="does not exist")
