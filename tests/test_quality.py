@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,10 +176,19 @@ def test_eval_samples_scorer_and_plots(tmp_path, run_dir, data_dir, capsys):
     run_bad(capsys, [*argv, "--samples", "2", "--sample-length", "100000"], run, match="exceeds the validation split")
 
 
-def test_train_with_passes(tmp_path, data_dir):
+def test_train_with_passes_and_the_measurement_scripts(tmp_path, data_dir):
     passes = ["--set", "model.n_step=2", "--set", "model.train_passes=2", "--set", "model.first_pass=blank"]
     assert main(train_args(data_dir, tmp_path / "r", *passes, "--set", "train.max_iters=4")) == 0
     assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["train_passes"] == 2
+    scripts = Path(__file__).parent.parent / "scripts"
+    tiny = ["--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.block_size=16"]
+    for script, *args in (  # the commands docs/ cites still run against the library
+        ("pass_convergence.py", str(tmp_path / "r"), str(data_dir), "--windows", "2", "--max-passes", "3"),
+        ("after_slide.py", str(data_dir), str(tmp_path / "r"), "--rows", "64"),
+        ("train_memory.py", "shakespeare-char-cpu-ladder4", "--batch", "2", "--steps", "1", *tiny),
+    ):
+        done = subprocess.run([sys.executable, str(scripts / script), *args], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout and not done.stderr, (script, done.stderr)
 
 
 @pytest.mark.parametrize("n_step", [1, 2, 4])
