@@ -16,6 +16,7 @@ import torch
 
 from .config import Config, load_config
 from .distributed import resolve_device
+from .errors import LadderError
 from .model import LadderLM
 from .sampling import decode, sampler, single_position_kernels
 from .train import make_optimizer
@@ -114,7 +115,10 @@ def run_bench(
     preset: str = "bench", overrides: list[str] = (), repeats: int = 5, prompt_len: int = 256, n_new: int = 256
 ) -> dict:
     cfg = load_config(preset, overrides=overrides)
-    load_config(preset, overrides=[*overrides, "model.backbone=ssm"])  # validated too: the SSM pair runs beside
+    try:
+        load_config(preset, overrides=[*overrides, "model.backbone=ssm"])
+    except LadderError as e:
+        raise LadderError(f"bench also runs an SSM pair of the same sizes: {e}") from None
     cfg.model.vocab_size = BENCH_VOCAB
     device = resolve_device(cfg.train.device)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -15,6 +16,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         command = self.prog.removeprefix("ladderlm").strip()  # main prints "ladderlm: error: "
         raise LadderError(f"{command}: {message}" if command else message)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states each option's default, where it has one worth stating."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if not action.help or default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -63,6 +74,13 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
+def held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of a streamed text not to print yet: the start of a multi-byte
+    character, or of a stop string that the next tokens may complete (printed text stays printed)."""
+    partial = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return max(partial, len(text) - len(text.rstrip("\ufffd")))
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
@@ -74,7 +92,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     for name, ok in (
         ("--max-new-tokens", args.max_new_tokens >= 0),
         ("--num-samples", args.num_samples >= 1),
-        ("--temperature", args.temperature >= 0),
+        ("--temperature", 0 <= args.temperature < float("inf")),
         ("--top-k", args.top_k is None or args.top_k >= 1),
         ("--top-p", args.top_p is None or 0 < args.top_p <= 1),
         ("--seed", 0 <= args.seed < 2**63),
@@ -107,12 +125,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     continue
                 emitted[r].append(t)
                 finished[r] = cut_at_stop(tokenizer.decode(emitted[r]), args.stop)[1]
-            text = cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0]
-            if args.stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            if args.stream:
+                text = cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0]
+                show(text[: len(text) - held_back(text, args.stop)])
+            return torch.tensor(finished, device=token.device)
+
+        def show(text: str) -> None:  # text only grows past what is shown: held-back characters are never shown early
+            if len(text) > shown[0]:
                 sys.stdout.write(text[shown[0] :])
                 sys.stdout.flush()
                 shown[0] = len(text)
-            return torch.tensor(finished, device=token.device)
 
     out = generate(
         model,
@@ -128,6 +150,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         slide=not args.no_slide,
     )
     if args.stream:
+        show(cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0])  # what was held back, if the sample ended there
         print()
         return
     for i, (prompt, ids) in enumerate(zip(rows, out)):
@@ -148,6 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise LadderError("--samples must be >= 0 and --sample-length >= 8")
     if not 0 <= args.seed < 2**63:
         raise LadderError("--seed is out of range")
+    if args.scorer and not args.samples:
+        raise LadderError("--scorer scores generated samples; give --samples N too")
     device = resolve_device(args.device, "--device")
     model, cfg, tokenizer = checkpoint.load(args.ckpt, device, args.set)
     data = TokenData.open(args.data)
@@ -209,10 +234,11 @@ def build_parser() -> ArgumentParser:
 
     parser = ArgumentParser(prog="ladderlm", description="Pipelined latent-diffusion ('ladder') language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
     p.add_argument("--source", default="stdlib", help="stdlib (embedded default), shakespeare (download), or a file/dir PATH")
-    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char")
+    p.add_argument("--tokenizer", choices=("char", "bpe"), default="char", help="characters, or byte-level BPE")
     p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")
     p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.set_defaults(func=cmd_prepare)
@@ -233,22 +259,22 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ckpt", required=True, help="a run dir or its ckpt/ dir")
     p.add_argument("--prompt", action="append", help="repeat for several prompts, sampled as one batch")
     p.add_argument("--stop", action="append", default=[], help="a string that ends a sample (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, help="sample among the K likeliest tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the likeliest tokens holding probability P (nucleus)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--no-slide", action="store_true", help="stop at the end of the context window instead of sliding it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SAMPLING_HELP)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score the whole validation split")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--ckpt", required=True, help="a run dir or its ckpt/ dir")
+    p.add_argument("--data", required=True, help="a dir written by `ladderlm prepare`, with the run's tokenizer")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SAMPLING_HELP)
     p.add_argument("--rows", type=int, default=64, help="the split is read as this many parallel streams")
     p.add_argument("--batch-size", type=int, default=32, help="windows per teacher-forced batch")
@@ -257,14 +283,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--scorer", help="checkpoint that scores the samples (gen_ppl), normally the GPT baseline; default: the model")
     p.add_argument("--sample-length", type=int, default=256, help="tokens per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="speed of the ladder against the GPT: prefill, decoding, training")
-    p.add_argument("--preset", default="bench")
+    p.add_argument("--preset", default="bench", help="the models' sizes (both the same)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (the median is reported)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("explain", help="print the ladder's slot diagram for a prompt, phase by phase")

@@ -128,7 +128,10 @@ def _check_value(dotted: str, value: Any) -> Any:
     section, key = dotted.split(".", 1)
     want = _field_type(section, key)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise LadderError(f"{dotted} is too large, got an integer of {value.bit_length()} bits") from None
     if type(value) is not want:
         raise LadderError(f"{dotted} must be {want.__name__}, got {value!r}")
     if want is float and not math.isfinite(value):
@@ -152,11 +155,13 @@ def from_dict(data: dict[str, Any], allow_derived: bool = False) -> Config:
     cfg = Config()
     for section, values in data.items():
         if section == "version":
-            if values != CONFIG_VERSION:
+            if type(values) is not int or values != CONFIG_VERSION:
                 raise LadderError(f"config version {values!r} is not supported (this ladderlm reads {CONFIG_VERSION})")
             continue
-        if section not in SECTIONS or not isinstance(values, dict):
+        if section not in SECTIONS:
             raise _unknown_key(section)
+        if not isinstance(values, dict):
+            raise LadderError(f"{section} must be a table ([{section}]), got {values!r}")
         for key, value in values.items():
             dotted = f"{section}.{key}"
             if dotted not in settable_keys() and not (allow_derived and dotted in DERIVED_KEYS):
@@ -202,7 +207,7 @@ def preset_names() -> list[str]:
 def _read_toml(text: str, where: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer past Python's digit limit
         raise LadderError(f"{where}: invalid TOML: {e}") from None
 
 
@@ -254,6 +259,10 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.n_embd % m.n_step:
         raise LadderError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_step ({m.n_step})")
+    if m.n_embd < 2 * m.n_step:  # a LayerNorm over one feature outputs zeros: nothing could be learnt
+        raise LadderError(f"each rung needs at least 2 features: model.n_embd ({m.n_embd}) >= 2 * model.n_step ({m.n_step})")
+    if m.n_layer > 1024:
+        raise LadderError(f"model.n_layer must be at most 1024, got {m.n_layer}")
     if m.backbone == "ssm" and (m.ssm_expand * m.n_embd) % m.ssm_head_dim:
         inner = m.ssm_expand * m.n_embd
         raise LadderError(f"model.ssm_expand * model.n_embd ({inner}) must be divisible by model.ssm_head_dim ({m.ssm_head_dim})")

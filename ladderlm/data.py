@@ -55,7 +55,7 @@ def path_documents(path: Path) -> list[str]:
     elif path.is_file():
         files = [path]
     else:
-        raise LadderError(f"source {path} does not exist")
+        raise LadderError(f"source {path} {'is not a regular file or directory' if path.exists() else 'does not exist'}")
     documents = []
     for f in files:
         try:
@@ -161,6 +161,8 @@ class TokenData:
         try:
             meta = json.loads((path / "meta.json").read_text())
             vocab_size = int(meta["vocab_size"])
+            if not (isinstance(meta["sha256"], str) and type(meta["val_chars"]) is int):  # what training and eval read
+                raise TypeError("sha256 must be a string and val_chars an integer")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise LadderError(f"data dir {path} has a corrupt meta.json ({e})") from None
         tokenizer = load_tokenizer(path / "tokenizer.json")

@@ -200,7 +200,7 @@ def generate(
     """num_samples continuations of each prompt (token ids, no start token), in one batch.
 
     A row stops at <|endoftext|> (not included). `on_token` sees each step's tokens (N,) and may
-    return an (N,) bool tensor of rows to stop now (e.g. on a stop string).
+    return an (N,) bool tensor of rows to stop after this token (e.g. one that ends a stop string).
     """
     device = model.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -208,11 +208,14 @@ def generate(
     pick = sampler(temperature, top_k, top_p, generator)
     if on_token is not None:
         plain_pick = pick
+        stopping = torch.zeros(len(rows), dtype=torch.bool, device=device)
 
         def pick(logits: Tensor, index: int) -> Tensor:
-            token = plain_pick(logits, index)
+            token = plain_pick(logits, index).masked_fill(stopping, eot_id)  # rows asked to stop end here
             stop = on_token(token)
-            return token if stop is None else token.masked_fill(stop, eot_id)
+            if stop is not None:
+                stopping.logical_or_(stop)
+            return token
 
     out = decode(model, rows, max_new_tokens, pick, generator=generator, eot_id=eot_id, slide=slide)
     return [row[: row.index(eot_id)] if eot_id in row else row for row in out.tolist()]

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import Config, differing_keys, save_json
+from .config import Config, differing_keys
 from .data import TokenData
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
@@ -173,6 +174,18 @@ class Run:
             kept = [r for r in records if r.get("step", step + 1) < step or (r.get("step") == step and "val_loss" not in r)]
             self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
+    def claim(self, cfg: Config, fresh: bool) -> None:
+        """Write config.json, and check that the dir takes the new files every checkpoint needs, before
+        any step is spent. A new run creates config.json: a second one starting beside it stops here."""
+        try:
+            with open(self.out / "config.json", "x" if fresh else "w") as f:
+                f.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            tempfile.NamedTemporaryFile(dir=self.out).close()
+        except FileExistsError:
+            raise LadderError(f"another run is starting in {self.out}; choose another --out") from None
+        except OSError as e:
+            raise LadderError(f"cannot write in {self.out} ({e.strerror or e}); choose a writable --out") from None
+
     def check_fresh(self) -> None:
         """A new run needs an out dir that is absent or empty: never write over a run or a user's files."""
         if self.ckpt.exists() or self.ckpt.with_name("ckpt.old").exists():
@@ -244,7 +257,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         if resume:
             run.truncate_metrics(step)
         run.out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, run.out / "config.json")
+        run.claim(cfg, fresh=not resume)
     trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective)
 
     def save_checkpoint() -> None:
@@ -258,7 +271,10 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 "tokenizer": data.tokenizer.kind,
             }
             extras = {} if objective.psi is None else {"psi": objective.psi}
-            checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state, extras)
+            try:
+                checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state, extras)
+            except OSError as e:
+                raise LadderError(f"cannot write a checkpoint in {run.out} ({e.strerror or e}); the last one stays") from None
 
     from torch.utils.tensorboard import SummaryWriter
 

@@ -95,13 +95,16 @@ def test_out_of_range_options_are_one_line(tmp_path, run_dir, data_dir, capsys):
     run_bad(capsys, [*sample, "--seed", str(2**64)], run_dir, match="--seed is out of range")
     run_bad(capsys, ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--seed", "-1"], run_dir, match="--seed")
     run_bad(capsys, [*sample, "--stop", ""], run_dir, match="--stop must not be empty")
+    run_bad(capsys, [*sample, "--temperature", "inf"], run_dir, match="--temperature is out of range")
+    run_bad(capsys, ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--scorer", str(run_dir)], run_dir,
+            match="give --samples N too")  # fmt: skip
     run_bad(capsys, [*sample, "--device", "bogus"], run_dir, match="--device=bogus is not a device")
     run_bad(capsys, [*sample, "--device", "cuda:7"], run_dir, match="--device=cuda:7")
     run_bad(capsys, ["sample", "--ckpt", str(run_dir / "metrics.jsonl")], run_dir, match="is not a directory")
     run_bad(capsys, ["train", "--config", str(tmp_path), "--data", str(data_dir), "--out", str(tmp_path / "r")], tmp_path,
             match="is not a file")  # fmt: skip
     run_bad(capsys, ["bench", "--repeats", "0"], tmp_path, match="--repeats must be >= 1")
-    run_bad(capsys, ["bench", "--set", "model.n_embd=16"], tmp_path, match="ssm_head_dim")
+    run_bad(capsys, ["bench", "--set", "model.n_embd=16"], tmp_path, match="bench also runs an SSM pair")
     run_bad(capsys, ["explain", "--prompt", "x" * 65], tmp_path, match="at most 64 characters")
     for bad in ("inf", "nan"):
         run_bad(capsys, ["train", "--preset", "demo", "--data", str(data_dir), "--out", str(tmp_path / "r"),

@@ -52,11 +52,15 @@ def test_override_types():
         ("model.dropout=1.5", "dropout"),
         ("train.early_passes=2", "go together"),
         ("train.early_passes=-1", "must be >= 0"),
+        ("model.n_embd=4", "each rung needs at least 2 features"),  # n_step 4 in the ladder preset below
+        ("model.n_layer=100000", "at most 1024"),
+        ("train.learning_rate=inf", "finite"),
+        ("train.seed=9223372036854775808", "below 2\\*\\*63"),
     ],
 )
 def test_bad_overrides(override, message):
     with pytest.raises(LadderError, match=message):
-        load_config("shakespeare-char-cpu", overrides=[override])
+        load_config("shakespeare-char-cpu-ladder4", overrides=[override])
 
 
 def test_early_passes_need_a_ladder_without_nextlat():
@@ -79,5 +83,14 @@ def test_bad_config_file(tmp_path):
     path.write_text("[model\n")
     with pytest.raises(LadderError, match="invalid TOML"):
         load_config(path=path)
+    for text, message in (
+        ("model = 3\n", "model must be a table"),
+        ("version = true\n", "version True is not supported"),
+        ("[train]\nlearning_rate = 1" + "0" * 400 + "\n", "train.learning_rate is too large"),
+        ("[train]\nmax_iters = 1" + "0" * 5000 + "\n", "invalid TOML"),
+    ):
+        path.write_text(text)
+        with pytest.raises(LadderError, match=message):
+            load_config(path=path)
     with pytest.raises(LadderError, match="unknown preset"):
         load_config("nope")

@@ -161,3 +161,13 @@ def test_bad_token_files(tmp_path, data_dir, split):
     f.write_bytes(b"")
     with pytest.raises(LadderError, match=f"{split}.bin holds no tokens"):
         TokenData.open(d)
+
+
+@pytest.mark.parametrize("edit", [{"sha256": None}, {"val_chars": "x"}])
+def test_meta_fields_that_training_and_eval_read_are_checked(tmp_path, data_dir, edit):
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(LadderError, match="corrupt meta.json"):
+        TokenData.open(d)

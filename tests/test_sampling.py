@@ -102,5 +102,11 @@ def test_sample_cli_batches_prompts_and_stop_strings(run_dir, capsys):
     assert len(samples) == 4 and samples[0].startswith("The cat") and samples[2].startswith("a")
     assert main([*argv, "--prompt", "The", "--stop", "e"]) == 0
     assert "e" not in capsys.readouterr().out[len("The") :]
+    assert main([*argv, "--prompt", "The"]) == 0
+    free = capsys.readouterr().out
+    stop = free[5:8]  # three tokens: the one that completes it must not be lost with the cut
+    for stream in ([], ["--stream"]):
+        assert main([*argv, "--prompt", "The", "--stop", stop, *stream]) == 0
+        assert capsys.readouterr().out == free[: free.index(stop)] + "\n"
     assert main(["explain", "--n-step", "3", "--prompt", "hi"]) == 0
     assert "Phase iii" in capsys.readouterr().out

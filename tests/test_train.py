@@ -100,3 +100,15 @@ def test_resuming_a_finished_run_logs_its_last_evaluation_once(tmp_path, data_di
     before = (run / "metrics.jsonl").read_text()
     assert main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress"]) == 0
     assert (run / "metrics.jsonl").read_text() == before  # the final evaluation, run again, is the same record
+
+
+def test_a_second_run_starting_in_the_same_dir_stops_at_once(tmp_path):
+    from ladderlm.config import Config
+    from ladderlm.errors import LadderError
+    from ladderlm.train import Run
+
+    run = Run(tmp_path)
+    run.check_fresh()  # both processes pass the check before either writes
+    run.claim(Config(), fresh=True)
+    with pytest.raises(LadderError, match="another run is starting"):
+        run.claim(Config(), fresh=True)
