@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 from pathlib import Path
 
 from .errors import LadderError, TrainingInterrupted
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not usage + message
-        command = self.prog.removeprefix("ladderlm").strip()  # main prints "ladderlm: error: "
-        raise LadderError(f"{command}: {message}" if command else message)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -26,6 +19,15 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         if not action.help or default is None or default is False or default == [] or default == argparse.SUPPRESS:
             return action.help
         return f"{action.help} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": DefaultsHelpFormatter, **kwargs})
+
+    def error(self, message: str):  # one line, not usage + message
+        command = self.prog.removeprefix("ladderlm").strip()  # main prints "ladderlm: error: "
+        raise LadderError(f"{command}: {message}" if command else message)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -234,7 +236,6 @@ def build_parser() -> ArgumentParser:
 
     parser = ArgumentParser(prog="ladderlm", description="Pipelined latent-diffusion ('ladder') language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=DefaultsHelpFormatter)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
     p.add_argument("--source", default="stdlib", help="stdlib (embedded default), shakespeare (download), or a file/dir PATH")
