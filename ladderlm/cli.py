@@ -33,7 +33,9 @@ class ArgumentParser(argparse.ArgumentParser):
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare
 
-    meta = prepare(args.source, args.tokenizer, Path(args.out), args.vocab_size)
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        raise LadderError("--vocab-size sizes a BPE vocabulary; a char tokenizer takes every character of the corpus")
+    meta = prepare(args.source, args.tokenizer, Path(args.out), 512 if args.vocab_size is None else args.vocab_size)
     print(f"prepared {args.out}: {meta['train_tokens']} train / {meta['val_tokens']} val tokens, vocab {meta['vocab_size']}")
 
 
@@ -240,7 +242,7 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
     p.add_argument("--source", default="stdlib", help="stdlib (embedded default), shakespeare (download), or a file/dir PATH")
     p.add_argument("--tokenizer", choices=("char", "bpe"), default="char", help="characters, or byte-level BPE")
-    p.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size (512 unless given)")
     p.add_argument("--out", required=True, help="a new (or empty) directory")
     p.set_defaults(func=cmd_prepare)
 

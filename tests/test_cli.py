@@ -104,6 +104,7 @@ def test_out_of_range_options_are_one_line(tmp_path, run_dir, data_dir, capsys):
     run_bad(capsys, ["train", "--config", str(tmp_path), "--data", str(data_dir), "--out", str(tmp_path / "r")], tmp_path,
             match="is not a file")  # fmt: skip
     run_bad(capsys, ["bench", "--repeats", "0"], tmp_path, match="--repeats must be >= 1")
+    run_bad(capsys, ["prepare", "--vocab-size", "300", "--out", str(tmp_path / "d")], tmp_path, match="sizes a BPE vocabulary")
     run_bad(capsys, ["bench", "--set", "model.n_embd=16"], tmp_path, match="bench also runs an SSM pair")
     run_bad(capsys, ["explain", "--prompt", "x" * 65], tmp_path, match="at most 64 characters")
     for bad in ("inf", "nan"):
