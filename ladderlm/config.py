@@ -314,8 +314,10 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def save_json(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+def save_json(cfg: Config, path: Path, exclusive: bool = False) -> None:
+    """Write the config; `exclusive` fails (FileExistsError) if the file exists."""
+    with open(path, "x" if exclusive else "w") as f:
+        f.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def load_json(path: Path) -> Config:

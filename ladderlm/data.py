@@ -75,13 +75,18 @@ def read_source(source: str) -> list[str]:
     return path_documents(Path(source))
 
 
-def check_out(source: str, out: Path) -> None:
-    """Refuse an --out that holds anything (never overwrite), or that a directory --source would read back."""
+def check_new_dir(out: Path) -> None:
+    """Refuse an --out that is anything but absent or an empty directory: nothing is ever written over."""
     if out.is_dir():
         if any(out.iterdir()):
-            raise LadderError(f"{out} already exists and is not empty; choose another --out or remove it")
+            raise LadderError(f"--out {out} is not empty; choose a new or empty directory")
     elif out.exists() or out.is_symlink():
-        raise LadderError(f"{out} already exists and is not a directory; choose another --out")
+        raise LadderError(f"--out {out} is a file, not a directory")
+
+
+def check_out(source: str, out: Path) -> None:
+    """Refuse an --out that holds anything (never overwrite), or that a directory --source would read back."""
+    check_new_dir(out)
     src = Path(source)
     if source not in ("stdlib", "shakespeare") and src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise LadderError(f"--out {out} is inside --source {source}, which would read it back; choose an --out outside it")

@@ -18,8 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import Config, differing_keys
-from .data import TokenData
+from .config import Config, differing_keys, save_json
+from .data import TokenData, check_new_dir
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
 
@@ -178,8 +178,7 @@ class Run:
         """Write config.json, and check that the dir takes the new files every checkpoint needs, before
         any step is spent. A new run creates config.json: a second one starting beside it stops here."""
         try:
-            with open(self.out / "config.json", "x" if fresh else "w") as f:
-                f.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            save_json(cfg, self.out / "config.json", exclusive=fresh)
             tempfile.NamedTemporaryFile(dir=self.out).close()
         except FileExistsError:
             raise LadderError(f"another run is starting in {self.out}; choose another --out") from None
@@ -194,10 +193,7 @@ class Run:
             raise LadderError(
                 f"{self.out} holds a run that stopped before its first checkpoint; remove it or choose another --out"
             )
-        if self.out.exists() and not self.out.is_dir():
-            raise LadderError(f"--out {self.out} is a file, not a directory")
-        if self.out.is_dir() and any(self.out.iterdir()):
-            raise LadderError(f"--out {self.out} is not empty; choose a new or empty directory")
+        check_new_dir(self.out)
 
 
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
