@@ -120,6 +120,7 @@ def run_bench(
     except LadderError as e:
         raise LadderError(f"bench also runs an SSM pair of the same sizes: {e}") from None
     cfg.model.vocab_size = BENCH_VOCAB
+    prompt_len = min(prompt_len, cfg.model.block_size // 2)  # a smaller window: the prompt fills half of it
     device = resolve_device(cfg.train.device)
 
     def build(n_step: int, backbone: str, **keys) -> LadderLM:

@@ -247,7 +247,9 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model (or --resume one)")
-    p.add_argument("--preset", help=f"one of: {', '.join(preset_names())}")
+    p.add_argument(
+        "--preset", help=f"one of: {', '.join(preset_names())}; with neither --preset nor --config, the built-in defaults"
+    )
     p.add_argument("--config", help="a TOML config file")
     p.add_argument("--data", required=True, help="a dir written by `ladderlm prepare`")
     p.add_argument("--out", required=True, help="run dir, new or empty: config, metrics, TensorBoard events, ckpt/")
@@ -310,10 +312,22 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+OUT_OF_MEMORY_HINTS = {
+    "train": "a smaller train.batch_size (train.grad_accum keeps the batch), or for a ladder model.recompute_passes=true",
+    "sample": "fewer --prompt x --num-samples rows or a smaller --max-new-tokens",
+    "eval": "a smaller --batch-size, --rows or --samples",
+    "bench": "a smaller preset",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
+        if sys.stdout is None:  # started with stdout closed: print() would drop the results silently
+            raise LadderError("standard output is closed")
         args.func(args)
+        sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
     except LadderError as e:
         print(f"ladderlm: error: {e}", file=sys.stderr)
         return 1
@@ -323,13 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ladderlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
     except OSError as e:
         print(f"ladderlm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError (CUDA: its subclass OutOfMemoryError)
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        print(f"ladderlm: error: out of memory: {str(e).splitlines()[0] if str(e) else 'MemoryError'}", file=sys.stderr)
+        hint = OUT_OF_MEMORY_HINTS.get(getattr(args, "command", None))
+        reason = str(e).splitlines()[0] if str(e) else "MemoryError"
+        print(f"ladderlm: error: out of memory: {reason}" + (f"; try {hint}" if hint else ""), file=sys.stderr)
         return 1
     return 0
 

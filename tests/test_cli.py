@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,24 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr("ladderlm.cli.cmd_explain", allocate)
     run_bad(capsys, ["explain"], Path(__file__).parent, match="out of memory")
+
+
+def test_out_of_memory_names_what_to_lower(run_dir, capsys):
+    run_bad(capsys, ["sample", "--ckpt", str(run_dir), "--max-new-tokens", str(10**14)], run_dir, match="--max-new-tokens")
+
+
+def ladderlm_process(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ladderlm", *args], stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_a_reader_that_left_ends_the_command_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe fails: the reader of `ladderlm ... | head` has gone
+    result = ladderlm_process(["explain"], stdout=write_end)
+    os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_closed_stdout_is_an_error_not_silence():
+    result = ladderlm_process(["explain"], preexec_fn=lambda: os.close(1))
+    assert (result.returncode, result.stderr) == (1, "ladderlm: error: standard output is closed\n")

@@ -200,3 +200,4 @@ def test_bench_has_ssm_entries():
     assert {"ladder", "gpt", "ssm_ladder", "ssm_gpt"} <= result["decode_tokens_per_s"].keys()
     assert {"ladder", "ladder_one_pass", "gpt", "ssm_ladder", "ssm_gpt"} == result["train_tokens_per_s"].keys()
     assert result["ssm_prefill_max_abs_diff"] < 1e-4 and result["params"]["ssm_gpt"] > 0
+    assert result["prompt_tokens"] == 8  # half the 16-token window, not the 12 asked for
