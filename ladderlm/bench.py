@@ -58,19 +58,19 @@ def train_flops_per_token(model: LadderLM) -> float:
     return per_pass * (with_grad + (passes - with_grad) / 3)
 
 
-def train_tokens_per_s(models: dict[str, LadderLM], cfg: Config, repeats: int, steps: int = 5) -> dict[str, float]:
+def train_tokens_per_s(models: dict[str, tuple[LadderLM, int]], cfg: Config, repeats: int, steps: int = 5) -> dict[str, float]:
     """Forward, backward and AdamW step on random batches, the models in alternating rounds: the bare
-    loop, no data loading or logging."""
+    loop, no data loading or logging. An entry (model, P) trains with P passes per step (0: train_passes)."""
     t = cfg.train
-    tokens = steps * t.batch_size * models[next(iter(models))].cfg.block_size
+    tokens = steps * t.batch_size * cfg.model.block_size
 
-    def training(model: LadderLM) -> Callable[[], None]:
+    def training(model: LadderLM, passes: int) -> Callable[[], None]:
         optimizer = make_optimizer(model, cfg)
         x = torch.randint(model.cfg.vocab_size, (t.batch_size, model.cfg.block_size), device=model.wte.weight.device)
 
         def run() -> None:
             for _ in range(steps):
-                _, loss = model(x, x)
+                _, loss = model(x, x, passes=passes)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
@@ -78,12 +78,29 @@ def train_tokens_per_s(models: dict[str, LadderLM], cfg: Config, repeats: int, s
 
         return run
 
-    for model in models.values():
+    for model, _ in models.values():
         model.train()
-    seconds = median_times({name: training(model) for name, model in models.items()}, repeats)
-    for model in models.values():
+    seconds = median_times({name: training(*entry) for name, entry in models.items()}, repeats)
+    for model, _ in models.values():
         model.eval()
     return {name: tokens / s for name, s in seconds.items()}
+
+
+def ladder_training_rates(name: str, ladder: LadderLM, cfg: Config) -> dict[str, tuple[LadderLM, int]]:
+    """What to time for a ladder's recipe: a step at `model.train_passes`, and with a
+    `train.early_passes` schedule also a step at that many passes."""
+    early = cfg.train.early_passes
+    return {f"{name}_train_passes": (ladder, 0)} | ({f"{name}_early_passes": (ladder, early)} if early else {})
+
+
+def recipe_rate(name: str, rates: dict[str, float], cfg: Config) -> float:
+    """Tokens/s over a whole run of the recipe: early_passes_iters steps at the early rate, the rest at train_passes."""
+    t = cfg.train
+    early_steps = min(t.early_passes_iters, t.max_iters) if t.early_passes else 0
+    seconds = (t.max_iters - early_steps) / rates[f"{name}_train_passes"]  # per token of every step
+    if early_steps:
+        seconds += early_steps / rates[f"{name}_early_passes"]
+    return t.max_iters / seconds
 
 
 @torch.inference_mode()
@@ -170,7 +187,9 @@ def run_bench(
     diff = (first_logits(ladder, p, 8, True) - first_logits(ladder, p, 8, False)).abs().max().item()
     # The ladder also with the seed's single teacher-forced pass per step, the cost of one pass.
     one_pass = build(cfg.model.n_step, cfg.model.backbone, train_passes=1, first_pass="truth")
-    train_rate = train_tokens_per_s({**models, "ladder_one_pass": one_pass}, cfg, repeats)
+    timed = {"gpt": (gpt, 0), **ladder_training_rates("ladder", ladder, cfg), "ladder_one_pass": (one_pass, 0)}
+    train_rate = train_tokens_per_s(timed, cfg, repeats)
+    train_rate["ladder"] = recipe_rate("ladder", train_rate, cfg)
     peak = matmul_peak_flops()
     short = prompts(1)[:, :65]  # the foundation's figure: 64-token prompt, 256 new tokens, the GPT
     cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
@@ -180,7 +199,9 @@ def run_bench(
     prefill |= {"ssm_ladder_phased": ssm_prefill["ssm_ladder"], "ssm_gpt": ssm_prefill["ssm_gpt"]}
     decode_rate |= decode_rates(ssm, 1, repeats)
     ssm_diff = (first_logits(ssm["ssm_ladder"], p, 8, True) - first_logits(ssm["ssm_ladder"], p, 8, False)).abs().max().item()
-    train_rate |= train_tokens_per_s(ssm, cfg, repeats)
+    timed = {"ssm_gpt": (ssm["ssm_gpt"], 0), **ladder_training_rates("ssm_ladder", ssm["ssm_ladder"], cfg)}
+    ssm_rate = train_tokens_per_s(timed, cfg, repeats)
+    train_rate |= ssm_rate | {"ssm_ladder": recipe_rate("ssm_ladder", ssm_rate, cfg)}
     return {
         "preset": preset,
         "overrides": list(overrides),
@@ -199,12 +220,14 @@ def run_bench(
             "prefill_phased_over_gpt": prefill["ladder_phased"] / prefill["gpt"],
             "prefill_prompt_passes_over_gpt": prefill["ladder_prompt_passes"] / prefill["gpt"],
             "decode_ladder_over_gpt": decode_rate["ladder"] / decode_rate["gpt"],
-            "train_ladder_over_gpt": train_rate["ladder"] / train_rate["gpt"],
+            "train_ladder_over_gpt": train_rate["ladder"] / train_rate["gpt"],  # the recipe: its schedule of passes
+            "train_ladder_train_passes_over_gpt": train_rate["ladder_train_passes"] / train_rate["gpt"],
             "train_ladder_one_pass_over_gpt": train_rate["ladder_one_pass"] / train_rate["gpt"],
         },
         "matmul_peak_gflops": peak / 1e9,
         "train_fraction_of_matmul_peak": {
-            name: train_flops_per_token(model) * train_rate[name] / peak for name, model in models.items()
+            name: train_flops_per_token(model) * train_rate[key] / peak
+            for name, model, key in (("ladder", ladder, "ladder_train_passes"), ("gpt", gpt, "gpt"))
         },
         "gpt_decode_64_prompt": {
             "cached_tokens_per_s": n_new / cached_s,

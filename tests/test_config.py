@@ -16,7 +16,11 @@ def test_presets_load():
 
 @pytest.mark.parametrize(
     "gpt, ladder",
-    [("shakespeare-char-cpu", "shakespeare-char-cpu-ladder4"), ("shakespeare-char-cpu-ssm", "shakespeare-char-cpu-ssm-ladder4")],
+    [
+        ("shakespeare-char-cpu", "shakespeare-char-cpu-ladder4"),
+        ("shakespeare-char-cpu", "shakespeare-char-cpu-ladder4-fast"),
+        ("shakespeare-char-cpu-ssm", "shakespeare-char-cpu-ssm-ladder4"),
+    ],
 )
 def test_ladder_presets_match_their_gpt(gpt, ladder):
     """Same tokens and size as the GPT they are measured against; the learning rate is each model's own."""
@@ -28,6 +32,16 @@ def test_ladder_presets_match_their_gpt(gpt, ladder):
     assert (g.model.n_step, lad.model.n_step) == (1, 4)
     sizes = [LadderLM(replace(c.model, vocab_size=66)).num_params() for c in (g, lad)]
     assert abs(sizes[1] / sizes[0] - 1) < 0.05
+
+
+def test_the_fast_ladder_preset_differs_only_in_its_passes_and_the_bench_times_its_recipe():
+    full, fast, bench = (load_config(p) for p in ("shakespeare-char-cpu-ladder4", "shakespeare-char-cpu-ladder4-fast", "bench"))
+    for section, key in (("model", "train_passes"), ("train", "early_passes"), ("train", "early_passes_iters")):
+        setattr(getattr(full, section), key, getattr(getattr(fast, section), key))
+    assert full == fast
+    assert [fast.model.train_passes, fast.train.max_iters, fast.train.early_passes, fast.train.early_passes_iters] == [
+        bench.model.train_passes, bench.train.max_iters, bench.train.early_passes, bench.train.early_passes_iters
+    ]  # fmt: skip
 
 
 def test_override_types():
