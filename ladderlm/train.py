@@ -282,6 +282,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     objective.train()
     losses: dict[str, float] = {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    window_grad_norm, window_clipped = 0.0, 0
     skipped = 0
     signals = StopSignals()
 
@@ -340,6 +341,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             step += 1
             window_steps += 1
             window_loss += mean_loss
+            window_grad_norm += grad_norm
+            window_clipped += bool(t.grad_clip) and grad_norm > t.grad_clip
             bar.update(1)
             if step % t.log_interval == 0 or step == t.max_iters:
                 elapsed = time.perf_counter() - window_start
@@ -348,10 +351,13 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                     "loss": window_loss / window_steps,
                     "lr": lr,
                     "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                    "grad_norm": window_grad_norm / window_steps,  # before clipping
+                    "clipped": window_clipped / window_steps,  # fraction of steps train.grad_clip scaled down
                 }
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+                window_grad_norm, window_clipped = 0.0, 0
             if step % t.checkpoint_interval == 0 or step == t.max_iters or stop:
                 save_checkpoint()
             if stop:

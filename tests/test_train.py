@@ -17,7 +17,8 @@ def test_run_dir_contents(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == list(range(2, 21, 2))
-    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in logged)
+    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm", "clipped"} <= r.keys() for r in logged)
+    assert all(r["grad_norm"] > 0 and 0 <= r["clipped"] <= 1 for r in logged)
     assert [r["step"] for r in records if "val_loss" in r] == [0, 10, 20]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["n_embd"] == 32 and saved["model"]["vocab_size"] > 0 and saved["version"] == 1
