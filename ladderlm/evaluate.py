@@ -20,7 +20,7 @@ from torch import Tensor
 from . import objectives
 from .data import TokenData
 from .model import LadderLM
-from .sampling import context_keep, decode, sampler
+from .sampling import Pick, context_keep, decode, sampler
 
 
 def sliding_windows(n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,20 +48,26 @@ def split_rows(tokens: np.ndarray, n_rows: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(padded).view(R, n), torch.from_numpy(lengths)
 
 
+def recording(nll: Tensor, choose: Pick) -> Pick:
+    """`choose`, writing the NLL of each chosen token (N,) at its index into nll (N, n)."""
+
+    def pick(logits: Tensor, i: int) -> Tensor:
+        token = choose(logits, i)
+        nll[:, i] = F.cross_entropy(logits.float(), token, reduction="none")
+        return token
+
+    return pick
+
+
 @torch.inference_mode()
 def token_nll(model: LadderLM, rows: Tensor, eot_id: int, seed: int = 0) -> Tensor:
     """NLL (nats) of every token of the rows (R, n) under the sampler's computation, true tokens fed back."""
     device = model.wte.weight.device
     rows = rows.to(device)
     nll = torch.zeros(rows.shape, device=device)
-
-    def pick(logits: Tensor, i: int) -> Tensor:
-        nll[:, i] = F.cross_entropy(logits.float(), rows[:, i], reduction="none")
-        return rows[:, i]
-
     prompts = torch.full((rows.shape[0], 1), eot_id, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    decode(model, prompts, rows.shape[1], pick, generator=generator)
+    decode(model, prompts, rows.shape[1], recording(nll, lambda _logits, i: rows[:, i]), generator=generator)
     return nll
 
 
@@ -142,12 +148,15 @@ def evaluate(model: LadderLM, data: TokenData, rows: int = 64, batch_size: int =
     }
 
 
-def sample(model: LadderLM, n: int, length: int, eot_id: int, seed: int = 0) -> Tensor:
-    """n unprompted samples of exactly `length` tokens at temperature 1 (an end-of-text token does not stop them)."""
+def sample(model: LadderLM, n: int, length: int, eot_id: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """n unprompted samples of exactly `length` tokens at temperature 1 (an end-of-text token does not
+    stop them), and each token's NLL under the distribution it was drawn from."""
     device = model.wte.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    nll = torch.zeros(n, length, device=device)
     prompts = torch.full((n, 1), eot_id, dtype=torch.long, device=device)
-    return decode(model.eval(), prompts, length, sampler(1.0, None, None, generator), generator=generator).cpu()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pick = recording(nll, sampler(1.0, None, None, generator))
+    return decode(model.eval(), prompts, length, pick, generator=generator).cpu(), nll.cpu()
 
 
 def distinct_n(rows: Tensor, n: int) -> float:
@@ -168,16 +177,28 @@ def repeat_rate(rows: Tensor, n: int = 8) -> float:
     return repeats / total
 
 
-def text_quality(rows: Tensor, scorer: LadderLM, eot_id: int) -> dict[str, float]:
-    """gen_ppl (perplexity under `scorer`, each row read from the start token), distinct-2/3, repeat rate."""
-    lengths = torch.full((rows.shape[0],), rows.shape[1])
-    nll = free_running_nll(scorer.eval(), rows, lengths, eot_id) / rows.numel()
+def text_quality(rows: Tensor, scorer: LadderLM, eot_id: int) -> dict[str, float | None]:
+    """gen_ppl (perplexity under `scorer`, each row read from the start token) and its standard error
+    over rows (gen_ppl_se, rows taken as independent draws), distinct-2/3, repeat rate."""
+    row_nll = token_nll(scorer.eval(), rows, eot_id).mean(1).double().cpu()  # (R,)
+    gen_ppl = math.exp(row_nll.mean().item())
     return {
-        "gen_ppl": math.exp(nll),
+        "gen_ppl": gen_ppl,
+        "gen_ppl_se": gen_ppl * row_nll.std().item() / math.sqrt(len(row_nll)) if len(row_nll) > 1 else None,
         "distinct_2": distinct_n(rows, 2),
         "distinct_3": distinct_n(rows, 3),
         "repeat_rate": repeat_rate(rows),
     }
+
+
+def drawn_quality(model: LadderLM, scorer: LadderLM, n: int, length: int, eot_id: int, seed: int) -> dict[str, float | None]:
+    """text_quality of the model's samples, plus self_ppl (their perplexity under the model itself, the
+    exponential of its entropy rate) and kl = ln(gen_ppl / self_ppl), an estimate of KL(model || scorer)
+    in nats per token: gen_ppl = exp(entropy + kl), so samples score well by being sharp or close."""
+    rows, nll = sample(model, n, length, eot_id, seed)
+    quality = text_quality(rows, scorer, eot_id)
+    self_nll = nll.mean().item()
+    return quality | {"self_ppl": math.exp(self_nll), "kl": math.log(quality["gen_ppl"]) - self_nll}
 
 
 def sample_quality(model: LadderLM, scorer: LadderLM, data: TokenData, n: int, length: int, seed: int = 0) -> dict:
@@ -190,7 +211,7 @@ def sample_quality(model: LadderLM, scorer: LadderLM, data: TokenData, n: int, l
         "samples": n,
         "length": length,
         "seed": seed,
-        "model": text_quality(sample(model, n, length, eot, seed), scorer, eot),
-        "scorer": text_quality(sample(scorer, n, length, eot, seed), scorer, eot),
+        "model": drawn_quality(model, scorer, n, length, eot, seed),
+        "scorer": drawn_quality(scorer, scorer, n, length, eot, seed),
         "data": text_quality(val[picks], scorer, eot),
     }

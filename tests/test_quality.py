@@ -12,7 +12,7 @@ import torch
 from ladderlm.cli import main
 from ladderlm.config import load_config
 from ladderlm.errors import LadderError
-from ladderlm.evaluate import distinct_n, repeat_rate
+from ladderlm.evaluate import distinct_n, free_running_nll, repeat_rate, sample
 from ladderlm.sampling import decode
 
 from .conftest import tiny_model, train_args
@@ -153,6 +153,15 @@ def test_distinct_and_repeats():
     assert distinct_n(fresh, 3) == 1.0 and repeat_rate(fresh) == 0.0
 
 
+@pytest.mark.parametrize("n_step", [1, 4])
+def test_samples_carry_the_nll_they_were_drawn_with(n_step):
+    """Re-read by the model that drew them (same seed, no slide), samples score what drawing them cost."""
+    model = emitting_model(n_step, "full")
+    rows, nll = sample(model, n=5, length=11, eot_id=10, seed=3)
+    assert rows.shape == nll.shape == (5, 11)
+    assert nll.sum().item() == free_running_nll(model, rows, torch.full((5,), 11), eot_id=10, seed=3)
+
+
 def test_eval_samples_scorer_and_plots(tmp_path, run_dir, data_dir, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
@@ -163,7 +172,11 @@ def test_eval_samples_scorer_and_plots(tmp_path, run_dir, data_dir, capsys):
     assert set(quality) == {"samples", "length", "seed", "model", "scorer", "data"}
     for who in ("model", "scorer", "data"):
         assert quality[who]["gen_ppl"] > 1 and 0 < quality[who]["distinct_3"] <= 1 and 0 <= quality[who]["repeat_rate"] < 1
+        assert 0 < quality[who]["gen_ppl_se"] < quality[who]["gen_ppl"]
     assert quality["model"] == quality["scorer"]  # the same weights, the same seeds
+    # Scored by the model that drew them, the samples' perplexity is the one met while drawing them.
+    assert quality["model"]["self_ppl"] == pytest.approx(quality["model"]["gen_ppl"], rel=1e-5)
+    assert abs(quality["model"]["kl"]) < 1e-5 and "self_ppl" not in quality["data"]
     assert result["gen_ppl"] == quality["model"]["gen_ppl"]
     assert json.loads((run / "eval.json").read_text())["sample_quality"] == quality
     for kind in ("losses", "rungs", "free-vs-tf"):
