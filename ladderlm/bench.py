@@ -24,13 +24,21 @@ from .train import make_optimizer
 BENCH_VOCAB = 65  # tiny Shakespeare's characters
 
 
+def finish_queued_work() -> None:
+    """Wait for queued GPU kernels, so that a clock read after a call times the work, not its launch."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each fn over `repeats` rounds that run every fn once, after `warmup` rounds."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
+            finish_queued_work()
             start = time.perf_counter()
             fn()
+            finish_queued_work()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -40,9 +48,9 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return median_times({"fn": fn}, repeats, warmup)["fn"]
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP/s of a large square matmul: the practical peak this machine offers torch."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of a large square matmul on the device: the practical peak it offers torch."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
 
 
@@ -124,7 +132,7 @@ def first_logits(model: LadderLM, prompts: torch.Tensor, n_new: int, parallel: b
         seen.append(logits)
         return logits.argmax(-1)
 
-    decode(model, prompts, n_new, pick, parallel_prefill=parallel, generator=torch.Generator().manual_seed(0))
+    decode(model, prompts, n_new, pick, parallel_prefill=parallel, generator=torch.Generator(prompts.device).manual_seed(0))
     return torch.stack(seen, 1)
 
 
@@ -190,7 +198,7 @@ def run_bench(
     timed = {"gpt": (gpt, 0), **ladder_training_rates("ladder", ladder, cfg), "ladder_one_pass": (one_pass, 0)}
     train_rate = train_tokens_per_s(timed, cfg, repeats)
     train_rate["ladder"] = recipe_rate("ladder", train_rate, cfg)
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(device)
     short = prompts(1)[:, :65]  # the foundation's figure: 64-token prompt, 256 new tokens, the GPT
     cached_s = median_seconds(lambda: decode(gpt, short, n_new, greedy), repeats)
     recompute_s = median_seconds(lambda: recompute_decode(gpt, short, n_new, greedy), repeats)

@@ -141,6 +141,14 @@ def _check_value(dotted: str, value: Any) -> Any:
     return value
 
 
+# What the trained weights are for: a resume may change how the model is trained or sampled, never these.
+ARCHITECTURE_KEYS = frozenset(
+    f"model.{key}"
+    for key in "vocab_size n_layer n_head n_embd block_size bias backbone n_step tie_head emit_head".split()
+    + "ssm_state ssm_conv ssm_expand ssm_head_dim".split()
+)
+
+
 def differing_keys(a: Config, b: Config, sections: tuple[str, ...] = ("model", "nextlat")) -> list[str]:
     """The keys of `sections` whose values differ between two configs."""
     return [f"{s}.{k}" for s in sections for k, v in vars(getattr(b, s)).items() if getattr(getattr(a, s), k) != v]

@@ -57,6 +57,14 @@ class Dist:
             t /= self.world
         return t
 
+    def gather(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -132,7 +132,7 @@ class LadderLM(nn.Module):
         """Noise on known tokens at sampling (`model.prompt_noise`)."""
         return "zero" if self.cfg.prompt_noise == "zero" else self.sampling_noise
 
-    def fill(self, y: Tensor, draws: Tensor | None = None) -> Tensor:
+    def fill(self, y: Tensor, draws: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Inputs for not-yet-emitted slots from the previous outputs y (N, S, E) (`model.sample_fill`).
 
         raw: the outputs themselves (the seed), through the input norm like every slot input.
@@ -143,7 +143,7 @@ class LadderLM(nn.Module):
             return self.in_norm(y)
         clean = self.lm_head(y).softmax(-1) @ self.wte.weight  # (N, S, E)
         raw = self.sqrt_alpha * clean
-        eps = self.noise(self.sampling_noise, clean[:, None], draws=None if draws is None else draws[:, None])
+        eps = self.noise(self.sampling_noise, clean[:, None], generator, None if draws is None else draws[:, None])
         if eps is not None:
             raw = raw + self.sqrt_one_minus_alpha * eps[:, 0]
         return self.in_norm(raw)
@@ -164,18 +164,23 @@ class LadderLM(nn.Module):
         x = self.inputs(idx, generator)
         return x, self.run(x, self.empty_state(idx.shape[0], idx.device))[0]
 
-    def feed_back(self, x: Tensor, y: Tensor, fed: Tensor, state, draws: Tensor | None = None) -> tuple[Tensor, object]:
+    def feed_back(
+        self, x: Tensor, y: Tensor, fed: Tensor, state, draws: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, object]:
         """One backbone pass over inputs x (B, L, S, E) whose `fed` slots ((L, S) or (B, L, S), never
         at position 0) take fill(y[p - 1, s]) from the previous pass's outputs y, as the sampler
-        feeds them (`draws` (B, L, S-1, E): the fills' Gaussians, as the sampler draws them).
+        feeds them (`draws` (B, L, S-1, E): the fills' Gaussians, as the sampler draws them; else
+        fresh ones from `generator`).
         Returns the outputs (B, L, S, E) and the backbone state after them."""
         B, L, S, E = x.shape
         noise = None if draws is None else draws[:, 1:].reshape(-1, S - 1, E)
-        fills = self.fill(y[:, :-1].reshape(-1, S, E), noise).view(B, L - 1, S, E)
+        fills = self.fill(y[:, :-1].reshape(-1, S, E), noise, generator).view(B, L - 1, S, E)
         x = torch.cat([x[:, :1], torch.where(fed[..., 1:, :, None], fills, x[:, 1:])], 1)
         return self.run(x, state)
 
-    def rollout(self, x: Tensor, y: Tensor, steps: int, known: Tensor | int = 1) -> list[Tensor]:
+    def rollout(
+        self, x: Tensor, y: Tensor, steps: int, known: Tensor | int = 1, generator: torch.Generator | None = None
+    ) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
 
         Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung, of the known
@@ -191,7 +196,7 @@ class LadderLM(nn.Module):
         fed = (j >= known) & (torch.arange(S, device=x.device) < S - 1)  # (L, S) or (B, L, S): not emitted yet there
         outs = []
         for _ in range(steps):
-            y, _ = self.feed_back(x, y, fed, self.empty_state(B, x.device))
+            y, _ = self.feed_back(x, y, fed, self.empty_state(B, x.device), generator=generator)
             outs.append(y)
         return outs
 
@@ -201,7 +206,7 @@ class LadderLM(nn.Module):
         passes = 1 if self.n_step == 1 else passes or self.cfg.train_passes or self.n_step
         return passes, passes if self.cfg.grad_passes == 0 else min(self.cfg.grad_passes, passes)
 
-    def unrolled(self, x: Tensor, known: Tensor | int = 1, passes: int = 0) -> Tensor:
+    def unrolled(self, x: Tensor, known: Tensor | int = 1, passes: int = 0, generator: torch.Generator | None = None) -> Tensor:
         """Outputs (B, L, S, E) of the last of `passes` (0: `train_passes`) passes over teacher-forced inputs x.
 
         The first pass reads x, or with first_pass = "blank" zeros in the slots of tokens not
@@ -216,7 +221,11 @@ class LadderLM(nn.Module):
         blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
 
         def one_pass(y: Tensor, k: int) -> Tensor:  # the first one reads x itself unless blank
-            return self.rollout(x, y, 1, known)[-1] if blank or k else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+            return (
+                self.rollout(x, y, 1, known, generator)[-1]
+                if blank or k
+                else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+            )
 
         y = torch.zeros_like(x)
         for k in range(passes):
@@ -242,7 +251,7 @@ class LadderLM(nn.Module):
         targets the loss counts: a prompt's own tokens are given, not predicted (-100)."""
         x = self.inputs(idx, generator)
         known = self.prompt_lengths(idx, generator)
-        y = self.unrolled(x, known, passes)
+        y = self.unrolled(x, known, passes, generator)
         if targets is not None:
             targets = targets.masked_fill(torch.arange(idx.shape[1], device=idx.device) < known[:, None] - 1, -100)
         return x, y, targets

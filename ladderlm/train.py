@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import Config, differing_keys, save_json
+from .config import ARCHITECTURE_KEYS, Config, differing_keys, save_json
 from .data import TokenData, check_new_dir
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
@@ -110,8 +110,13 @@ def rng_states() -> dict:
         "python_rng": random.getstate(),
         "numpy_rng": [name, keys.tolist(), pos, has_gauss, cached],
         "torch_rng": torch.get_rng_state(),
-        **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),  # this process's device
     }
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s own random stream (rank 0 keeps `seed`'s)."""
+    return seed + 1_000_003 * rank
 
 
 def set_rng_states(state: dict) -> None:
@@ -120,7 +125,11 @@ def set_rng_states(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        saved, device = state["cuda_rng"], torch.cuda.current_device()
+        if isinstance(saved, list):  # older checkpoints hold every device's state
+            saved = saved[device] if device < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved)
 
 
 class StopSignals:
@@ -232,10 +241,17 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     objective = Objective(model, cfg).to(device)
     optimizer = make_optimizer(objective, cfg)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
-    step = 0
+    if ddp.rank:  # every rank made the same weights; from here each draws its own noise and dropout
+        torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank))
+    step = skipped = 0
     if resume:
         resumed, saved, _ = checkpoint.load(run.ckpt, device)
         changed = differing_keys(saved, cfg)
+        # Some of these load without error (another n_head, an SSM's block_size) yet change what the weights compute.
+        if architecture := [key for key in changed if key in ARCHITECTURE_KEYS]:
+            raise LadderError(
+                f"cannot resume with another {', '.join(architecture)}: the trained weights are for the checkpoint's"
+            )
         try:
             model.load_state_dict(resumed.state_dict())
             if objective.psi is not None:
@@ -246,7 +262,11 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 raise LadderError(f"{run.ckpt} is corrupt: {str(e).splitlines()[0]}") from None
             raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
         step = state["step"]
-        set_rng_states(state)
+        skipped = state.get("skipped", 0)  # checkpoints before the count was saved hold none
+        ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's)
+        set_rng_states(ranks[ddp.rank] if ddp.rank < len(ranks) else state)
+        if ddp.rank >= len(ranks):  # a rank the checkpoint has no stream for: a fresh one of its own
+            torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
         data_gen.set_state(state["data_rng"])
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
     if ddp.main:
@@ -257,11 +277,14 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective)
 
     def save_checkpoint() -> None:
+        streams = ddp.gather(rng_states())  # a collective: every rank saves at the same steps
         if ddp.main:
             trainer_state = {
                 "step": step,
+                "skipped": skipped,  # non-finite steps skipped so far, against train.skip_nonfinite
                 "optimizer": optimizer.state_dict(),
-                **rng_states(),
+                **streams[0],
+                "rank_rng": streams,
                 "data_rng": data_gen.get_state(),
                 "data_sha256": data.meta["sha256"],
                 "tokenizer": data.tokenizer.kind,
@@ -283,7 +306,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     losses: dict[str, float] = {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     window_grad_norm, window_clipped = 0.0, 0
-    skipped = 0
+    evaluated = -1  # the step last evaluated: a skipped step comes back to the same one
     signals = StopSignals()
 
     def say(message: str) -> None:
@@ -299,7 +322,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     try:
         while True:
-            if step % t.eval_interval == 0 or step == t.max_iters:
+            if (step % t.eval_interval == 0 or step == t.max_iters) and step != evaluated:
+                evaluated = step
                 losses = estimate_loss(model, data, cfg, ddp)  # every rank scores its rows; all get the mean
                 log({"step": step, **losses})
                 say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")

@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import torch
 from safetensors.torch import load_file
 
+from ladderlm import checkpoint
 from ladderlm.cli import main
 
 from .conftest import train_args
@@ -51,3 +53,17 @@ def test_two_gloo_processes_match_one_process(tmp_path, data_dir):
     full, resumed = load_file(tmp_path / "two" / "ckpt" / "model.safetensors"), load_file(half / "ckpt" / "model.safetensors")
     assert all((full[k] - resumed[k]).abs().max() < 1e-6 for k in full)
     assert losses(half) == losses(tmp_path / "two")
+
+
+def test_a_ladder_under_two_processes_draws_noise_per_rank_and_resumes_exactly(tmp_path, data_dir):
+    ladder = ["--set", "model.n_step=2", "--set", "model.first_pass=truth", "--set", "model.train_passes=1",
+              "--set", "model.dropout=0.1", "--set", "train.batch_size=4"]  # fmt: skip
+    full, half = tmp_path / "full", tmp_path / "half"
+    torchrun(train_args(data_dir, full, *COMMON, *ladder))
+    streams = checkpoint.load_trainer_state(full / "ckpt")["rank_rng"]
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch_rng"], streams[1]["torch_rng"])
+    torchrun(train_args(data_dir, half, *COMMON, *ladder, "--set", "train.max_iters=10"))
+    torchrun(["train", "--data", str(data_dir), "--out", str(half), "--resume", "--no-progress", "--set", "train.max_iters=20"])
+    a, b = load_file(full / "ckpt" / "model.safetensors"), load_file(half / "ckpt" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(half) == losses(full)

@@ -35,6 +35,16 @@ def test_state_is_returned_not_kept():
     assert torch.equal(y1, y2)
 
 
+@pytest.mark.parametrize("sample_fill", ["raw", "renoise"])
+def test_a_loss_with_a_generator_is_fixed_and_leaves_the_global_rng(sample_fill):
+    """The in-training eval passes its own generator: every random draw of the passes comes from it."""
+    model = tiny_model(4, sample_fill=sample_fill, train_passes=4, train_prompts=0.5)
+    idx = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(1))
+    before = torch.get_rng_state()
+    losses = [model(idx, idx, generator=torch.Generator().manual_seed(0))[1] for _ in range(2)]
+    assert torch.equal(losses[0], losses[1]) and torch.equal(torch.get_rng_state(), before)
+
+
 def test_positions_past_the_table_are_refused():
     model = tiny_model(block_size=4)
     x, _ = model.embed_slots(torch.randint(11, (1, 5)), torch.arange(5), "zero")

@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from ladderlm import checkpoint
+from ladderlm import checkpoint, train
 from ladderlm.cli import main
 
 from .conftest import train_args
@@ -87,6 +87,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     good = checkpoint.load_trainer_state(run / "ckpt")["step"]
     model, _, _ = checkpoint.load(run)
     assert good >= 1 and all(p.isfinite().all() for p in model.parameters())
+
+
+def test_a_skipped_step_is_not_evaluated_twice_and_a_resume_keeps_the_skip_count(tmp_path, data_dir, capsys, monkeypatch):
+    forward = train.Objective.forward
+    calls = []
+
+    def nan_at_first_call(self, *args):
+        loss = forward(self, *args)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(train.Objective, "forward", nan_at_first_call)
+    run = tmp_path / "run"
+    skip_one = ["--set", "train.skip_nonfinite=1", "--set", "train.checkpoint_interval=1"]
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=4", *skip_one)) == 0
+    evaluated = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert evaluated == [0, 4] and capsys.readouterr().out.count("skipped") == 1
+    assert checkpoint.load_trainer_state(run / "ckpt")["skipped"] == 1
+    calls.clear()  # the resumed run's first step is non-finite too: the one allowed skip is spent
+    resume = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=6"]
+    assert main(resume) == 1
+    assert "step 5: loss is nan, gradient norm is nan; training stopped" in capsys.readouterr().err
 
 
 def test_a_crash_between_the_checkpoint_renames_is_recovered(tmp_path, run_dir, data_dir):

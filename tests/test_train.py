@@ -91,7 +91,7 @@ def test_a_run_that_died_before_its_first_checkpoint_says_what_to_do(tmp_path, d
 def test_resume_refuses_what_cannot_continue(run_dir, data_dir, capsys):
     resume = ["train", "--data", str(data_dir), "--out", str(run_dir), "--resume", "--no-progress"]
     run_bad(capsys, [*resume, "--set", "train.max_iters=5"], run_dir, match="at step 20; train.max_iters=5 is before it")
-    for key in ("model.n_layer=1", "model.n_embd=64", "model.block_size=32", "nextlat.horizon=1"):
+    for key in ("model.n_layer=1", "model.n_embd=64", "model.block_size=32", "nextlat.horizon=1", "model.n_head=1"):
         run_bad(capsys, [*resume, "--set", key], run_dir, match=f"cannot resume with another {key.split('=')[0]}")
 
 
