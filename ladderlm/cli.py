@@ -121,6 +121,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
             sys.stdout.write(rows[0])
 
         finished = [False] * len(rows)
+        # A new stop string ends in the newest token: the last tokens covering its bytes (a token is
+        # at least one byte), and a character cut in two before them, are enough to find it.
+        reach = max((len(stop.encode()) for stop in args.stop), default=0) + 4
 
         def on_token(token: torch.Tensor) -> torch.Tensor:
             for r, t in enumerate(token.tolist()):
@@ -128,7 +131,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                     finished[r] = True
                     continue
                 emitted[r].append(t)
-                finished[r] = cut_at_stop(tokenizer.decode(emitted[r]), args.stop)[1]
+                finished[r] = cut_at_stop(tokenizer.decode(emitted[r][-reach:]), args.stop)[1]
             if args.stream:
                 text = cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0]
                 show(text[: len(text) - held_back(text, args.stop)])

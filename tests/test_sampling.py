@@ -1,5 +1,7 @@
 """The three-phase sampler against the position-by-position reference, batches, stops, explain."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -104,8 +106,8 @@ def test_sample_cli_batches_prompts_and_stop_strings(run_dir, capsys):
     assert "e" not in capsys.readouterr().out[len("The") :]
     assert main([*argv, "--prompt", "The"]) == 0
     free = capsys.readouterr().out
-    stop = free[5:8]  # three tokens: the one that completes it must not be lost with the cut
-    for stream in ([], ["--stream"]):
+    # three tokens: the one that completes it must not be lost with the cut; one far past the prompt
+    for stop, stream in itertools.product((free[5:8], free[40:43]), ([], ["--stream"])):
         assert main([*argv, "--prompt", "The", "--stop", stop, *stream]) == 0
         assert capsys.readouterr().out == free[: free.index(stop)] + "\n"
     assert main(["explain", "--n-step", "3", "--prompt", "hi"]) == 0
