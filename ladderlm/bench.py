@@ -78,7 +78,7 @@ def train_tokens_per_s(models: dict[str, tuple[LadderLM, int]], cfg: Config, rep
 
         def run() -> None:
             for _ in range(steps):
-                _, loss = model(x, x, passes=passes)
+                loss = model.loss(x, x, passes=passes)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()

@@ -267,6 +267,13 @@ class LadderLM(nn.Module):
             return logits, None
         return logits, objectives.ladder_loss(self.cfg, logits, y, x, targets, self.alpha, self.in_norm)
 
+    def loss(self, idx: Tensor, targets: Tensor, generator: torch.Generator | None = None, passes: int = 0) -> Tensor:
+        """forward's loss, computing only the logits it scores: the clean rung's alone unless ce_rungs = "all"
+        (the head's cost, S times over with a large vocabulary, and its activations)."""
+        x, y, targets = self.window(idx, targets, generator, passes)
+        logits = self.logits(y) if self.cfg.ce_rungs == "all" else self.clean_logits(y)[..., None, :]
+        return objectives.ladder_loss(self.cfg, logits, y, x, targets, self.alpha, self.in_norm)
+
     def logits(self, y: Tensor, frozen: bool = False) -> Tensor:
         """Per-slot logits (..., S, V) of outputs y (..., S, E); the clean rung's are clean_logits.
 

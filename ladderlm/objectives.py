@@ -52,25 +52,20 @@ def relative_latent_error(fed: Tensor, x: Tensor, real: Tensor) -> Tensor:
     return (err * pairs).sum() / (ref * pairs).sum().clamp_min(1e-12)
 
 
-def rung_weights(cfg: ModelConfig, alpha: Tensor) -> Tensor:
-    """(S,) cross-entropy weight per rung from `ce_rungs` and `ce_weighting`."""
-    w = alpha / alpha.mean() if cfg.ce_weighting == "alpha" else torch.ones_like(alpha)
-    if cfg.ce_rungs == "clean":
-        w = w * (torch.arange(len(w), device=w.device) == len(w) - 1)
-    return w
-
-
 def ladder_loss(
     cfg: ModelConfig, logits: Tensor, y: Tensor, x: Tensor, targets: Tensor, alpha: Tensor, feed: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """Weighted mean cross-entropy over real slots + latent_loss_scale * relative latent MSE of feed(y)."""
+    """Weighted mean cross-entropy over real slots + latent_loss_scale * relative latent MSE of feed(y).
+
+    logits: (B, L, S, V), or (B, L, 1, V) the clean rung's alone, all that ce_rungs = "clean" scores.
+    """
     slot_tgt, real = slot_targets(targets, cfg.n_step)
-    if cfg.ce_weighting == "uniform" and (cfg.ce_rungs == "all" or cfg.n_step == 1):  # the plain mean, fused
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), slot_tgt.flatten(), ignore_index=-100)
-    elif cfg.ce_weighting == "uniform":  # the clean rung's plain mean
+    if cfg.ce_rungs == "clean" or cfg.n_step == 1:  # the clean rung's plain mean: a weight on one rung cancels
         loss = F.cross_entropy(logits[:, :, -1].flatten(0, -2).float(), slot_tgt[:, :, -1].flatten(), ignore_index=-100)
-    else:
-        w = rung_weights(cfg, alpha) * (slot_tgt != -100)  # (B, L, S)
+    elif cfg.ce_weighting == "uniform":  # every rung's plain mean, fused
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), slot_tgt.flatten(), ignore_index=-100)
+    else:  # weighted by each rung's signal, mean weight 1
+        w = alpha / alpha.mean() * (slot_tgt != -100)  # (B, L, S)
         loss = (slot_cross_entropy(logits, slot_tgt) * w).sum() / w.sum()
     if cfg.latent_loss_scale > 0:
         loss = loss + cfg.latent_loss_scale * relative_latent_error(feed(y), x, real)

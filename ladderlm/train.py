@@ -68,7 +68,7 @@ class Objective(nn.Module):
         """The loss over windows idx; `passes` overrides model.train_passes (0: keep it)."""
         n, m = self.nextlat, self.model
         if not (n.horizon and (n.lambda_h or n.lambda_kl)):
-            return m(idx, targets, passes=passes)[1]
+            return m.loss(idx, targets, passes=passes)
         x, y, targets = m.window(idx, targets)  # one pass (validated): over the noised truth, or blank slots
         loss = objectives.ladder_loss(m.cfg, m.logits(y), y, x, targets, m.alpha, m.in_norm)
         if self.psi is not None:
@@ -96,7 +96,7 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distribute
         losses = []
         for _ in range(cfg.train.eval_iters):
             x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g, shard=(ddp.rank, ddp.world))
-            losses.append(model(x.to(device), y.to(device), generator=noise)[1])
+            losses.append(model.loss(x.to(device), y.to(device), noise))
         means.append(torch.stack(losses).mean())
     train_loss, val_loss = ddp.mean(torch.stack(means)).tolist()  # one sync per eval
     model.train()

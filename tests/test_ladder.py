@@ -220,3 +220,19 @@ def test_eval_reports_for_s1_agree(run_dir, data_dir):
     assert abs(result["free_running_loss"] - result["teacher_forced_loss"]) < 1e-5
     assert [r["denoise_ratio"] for r in result["per_rung"]] == [None] and result["rows"] == 7
     assert np.isfinite(result["per_rung"][0]["latent_mse"])
+
+
+@pytest.mark.parametrize("emit_head", ["rung", "full"])
+@pytest.mark.parametrize("ce", [("clean", "uniform"), ("clean", "alpha"), ("all", "uniform"), ("all", "alpha")])
+def test_the_training_loss_reads_only_the_logits_it_scores(emit_head, ce):
+    """model.loss (the clean rung's logits alone unless every rung is scored) is forward's loss, gradients included."""
+    idx, tgt = (torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(k)) for k in (0, 1))
+    for n_step in (1, 4):
+        model = tiny_model(n_step, emit_head=emit_head, ce_rungs=ce[0], ce_weighting=ce[1], latent_loss_scale=0.5).train()
+        if model.emit_head is not None:
+            torch.nn.init.normal_(model.emit_head.weight, std=0.3)
+        full = model(idx, tgt, generator=torch.Generator().manual_seed(2))[1]
+        scored = model.loss(idx, tgt, torch.Generator().manual_seed(2))
+        torch.testing.assert_close(scored, full)
+        for a, b in zip(*(torch.autograd.grad(loss, list(model.parameters())) for loss in (full, scored)), strict=True):
+            torch.testing.assert_close(a, b)
