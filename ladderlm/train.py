@@ -263,9 +263,11 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
         step = state["step"]
         skipped = state.get("skipped", 0)  # checkpoints before the count was saved hold none
-        ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's)
-        set_rng_states(ranks[ddp.rank] if ddp.rank < len(ranks) else state)
-        if ddp.rank >= len(ranks):  # a rank the checkpoint has no stream for: a fresh one of its own
+        ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's, at the top)
+        if ddp.rank < len(ranks):
+            set_rng_states(ranks[ddp.rank])
+        else:  # a rank the checkpoint has no stream for: a fresh one of its own
+            set_rng_states(ranks[0])
             torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
         data_gen.set_state(state["data_rng"])
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
@@ -283,7 +285,6 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 "step": step,
                 "skipped": skipped,  # non-finite steps skipped so far, against train.skip_nonfinite
                 "optimizer": optimizer.state_dict(),
-                **streams[0],
                 "rank_rng": streams,
                 "data_rng": data_gen.get_state(),
                 "data_sha256": data.meta["sha256"],
