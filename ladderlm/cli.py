@@ -64,11 +64,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
-def _prompt_text(prompt: str) -> str:
+def _prompt_text(prompt: str, what: str = "the prompt") -> str:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise LadderError("the prompt is not valid UTF-8") from None
+        raise LadderError(f"{what} is not valid UTF-8") from None
     return prompt
 
 
@@ -80,9 +80,11 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 def held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of a streamed text not to print yet: the start of a multi-byte
-    character, or of a stop string that the next tokens may complete (printed text stays printed)."""
-    partial = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
-    return max(partial, len(text) - len(text.rstrip("\ufffd")))
+    character and, before it, of a stop string that the next tokens may complete (printed text
+    stays printed)."""
+    broken = len(text) - len(text.rstrip("\ufffd"))  # the bytes so far of a character the next tokens complete
+    head = text[: len(text) - broken]  # a stop string may start before that character and end with it
+    return broken + max((k for stop in stops for k in range(1, len(stop)) if head.endswith(stop[:k])), default=0)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -103,8 +105,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     ):
         if not ok:
             raise LadderError(f"{name} is out of range")
+    if len(prompts) * args.num_samples * max(1, args.max_new_tokens) >= 2**56:  # past 2**60 torch cannot even size the tokens
+        raise LadderError("--max-new-tokens x --num-samples x prompts is out of range")
     if not all(args.stop):
         raise LadderError("--stop must not be empty")
+    for stop in args.stop:  # checked up front, not where its bytes are first counted
+        _prompt_text(stop, "a --stop string")
     if args.stream and len(prompts) * args.num_samples != 1:
         raise LadderError("--stream prints one sample; give one --prompt and --num-samples 1")
     model, _, tokenizer = checkpoint.load(args.ckpt, resolve_device(args.device, "--device"), args.set)
@@ -178,20 +184,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise LadderError("--samples must be >= 0 and --sample-length >= 8")
     if not 0 <= args.seed < 2**63:
         raise LadderError("--seed is out of range")
+    if args.samples * args.sample_length >= 2**56:  # past 2**61 torch cannot even size the samples' NLLs
+        raise LadderError("--samples x --sample-length is out of range")
     if args.scorer and not args.samples:
         raise LadderError("--scorer scores generated samples; give --samples N too")
     device = resolve_device(args.device, "--device")
     model, cfg, tokenizer = checkpoint.load(args.ckpt, device, args.set)
     data = TokenData.open(args.data)
-    ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text())
-    if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text()):
+    ckpt_tok = json.loads((checkpoint.resolve(args.ckpt) / "tokenizer.json").read_text(encoding="utf-8"))
+    if ckpt_tok != json.loads((data.path / "tokenizer.json").read_text(encoding="utf-8")):
         raise LadderError(f"{args.ckpt} was trained with another tokenizer than the one in {args.data}")
     if args.samples and args.sample_length > len(data.val):
         raise LadderError(f"--sample-length {args.sample_length} exceeds the validation split ({len(data.val)} tokens)")
     scorer = model
     if args.scorer:  # loaded and checked before the long evaluation, not after it
         scorer = checkpoint.load(args.scorer, device)[0]
-        if json.loads((checkpoint.resolve(args.scorer) / "tokenizer.json").read_text()) != ckpt_tok:
+        if json.loads((checkpoint.resolve(args.scorer) / "tokenizer.json").read_text(encoding="utf-8")) != ckpt_tok:
             raise LadderError(f"scorer {args.scorer} was trained with another tokenizer than {args.ckpt}")
     result = evaluate(model, data, args.rows, args.batch_size)
     if args.samples:
@@ -347,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ladderlm: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError (CUDA: its subclass OutOfMemoryError)
-        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+        too_big = ("out of memory", "can't allocate memory", "Storage size calculation overflowed")  # the last: past 2**63 bytes
+        if not isinstance(e, MemoryError) and not any(m in str(e) for m in too_big):
             raise
         hint = OUT_OF_MEMORY_HINTS.get(getattr(args, "command", None))
         reason = str(e).splitlines()[0] if str(e) else "MemoryError"

@@ -162,14 +162,17 @@ def decode(
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf."""
     logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # the best at 0: a tiny temperature cannot overflow
+    # The best at 0: a tiny temperature cannot overflow. One below float32's range would round to 0
+    # and make the best 0 / 0 = NaN; the smallest normal float32 is as greedy.
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop_sorted = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p: none past it
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
 

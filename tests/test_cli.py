@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ladderlm.cli import main
 
 
@@ -132,9 +134,16 @@ def test_explain_draws_spaces_and_control_characters_in_one_cell(capsys):
     assert "␣" in grid and "\\t" in grid and "\t" not in grid
 
 
-def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: 8 TB\nmore",
+        "Storage size calculation overflowed with sizes=[4611686018427387904, 128]",  # e.g. --set train.batch_size=2**62
+    ],
+)
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, message):
     def allocate(_args):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: 8 TB\nmore")
+        raise RuntimeError(message)
 
     monkeypatch.setattr("ladderlm.cli.cmd_explain", allocate)
     run_bad(capsys, ["explain"], Path(__file__).parent, match="out of memory")

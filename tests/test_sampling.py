@@ -1,15 +1,18 @@
 """The three-phase sampler against the position-by-position reference, batches, stops, explain."""
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ladderlm.cli import main
+from ladderlm.cli import held_back, main
 from ladderlm.explain import explain
-from ladderlm.sampling import decode, generate, left_pad
+from ladderlm.sampling import decode, filter_logits, generate, left_pad, sampler
+from ladderlm.tokenizer import BpeTokenizer
 
 from .conftest import tiny_model
+from .test_cli import run_bad
 
 EOT = 19
 
@@ -112,3 +115,50 @@ def test_sample_cli_batches_prompts_and_stop_strings(run_dir, capsys):
         assert capsys.readouterr().out == free[: free.index(stop)] + "\n"
     assert main(["explain", "--n-step", "3", "--prompt", "hi"]) == 0
     assert "Phase iii" in capsys.readouterr().out
+
+
+def test_temperatures_below_float32_are_greedy():
+    """A temperature that rounds to 0 in float32 samples the best token, not 0 / 0 = NaN."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-46, 1e-50, 1e-300):
+        assert not filter_logits(logits, temperature).isnan().any()
+        assert sampler(temperature, None, None, g)(logits, 0).tolist() == [1, 0]
+
+
+def test_nucleus_is_the_smallest_prefix_reaching_top_p():
+    uniform = torch.zeros(1, 4)  # four tokens of exactly 0.25 each
+    for top_p, kept in ((0.25, 1), (0.5, 2), (0.75, 3), (0.8, 4)):
+        assert (filter_logits(uniform, top_p=top_p) > float("-inf")).sum().item() == kept, top_p
+
+
+def test_stop_strings_and_sizes_are_checked_in_one_line(run_dir, data_dir, capsys):
+    sample = ["sample", "--ckpt", str(run_dir), "--max-new-tokens", "4"]
+    run_bad(capsys, [*sample, "--stop", "a\udcff"], run_dir, match="a --stop string is not valid UTF-8")  # argv's b"a\xff"
+    run_bad(capsys, ["sample", "--ckpt", str(run_dir), "--max-new-tokens", str(2**62)], run_dir, match="out of range")
+    evaluate = ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--rows", "2"]
+    run_bad(capsys, [*evaluate, "--samples", str(2**61), "--sample-length", "8"], run_dir, match="out of range")
+
+
+def test_stream_holds_back_a_stop_string_before_a_split_character(monkeypatch, capsys):
+    """Byte-level BPE: "x" then the first byte of "é" decode to "x\ufffd"; the stop "xé" may still
+    follow, so "x" is not printed before the next token decides it."""
+    tok = BpeTokenizer.train(["hello world abc " * 50], 300)  # no merge for "é": two byte tokens
+    script = tok.encode("axé and on")
+    assert tok.decode(script[:3]) == "ax\ufffd"
+    assert held_back("ax\ufffd", ["xé"]) == 2
+    model = SimpleNamespace(cfg=SimpleNamespace(block_size=64))
+    monkeypatch.setattr("ladderlm.checkpoint.load", lambda *args, **kwargs: (model, None, tok))
+
+    def generate(model, prompts, eot_id, n, *args, slide=True):
+        on_token, out = args[5], []
+        for t in script[:n]:
+            out.append(t)
+            if on_token(torch.tensor([t]))[0]:
+                break
+        return [out]
+
+    monkeypatch.setattr("ladderlm.sampling.generate", generate)
+    for stream in ([], ["--stream"]):
+        assert main(["sample", "--ckpt", "run", "--device", "cpu", "--stop", "xé", *stream]) == 0
+        assert capsys.readouterr().out == "a\n", stream
