@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ def shakespeare_documents(timeout: float = 30.0) -> list[str]:
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=timeout) as response:
             raw = response.read()
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # HTTPException: cut off mid-body
         raise LadderError(
             f"cannot download tiny Shakespeare ({getattr(e, 'reason', e)}); download input.txt yourself and use --source PATH"
         ) from None
@@ -130,20 +131,33 @@ def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> di
         "val_tokens": len(val),
         "val_chars": len(tok.decode(val.tolist())),
     }
-    # Write a hidden sibling dir, then rename it into place: a failed write leaves nothing at `out`.
+    # Write a hidden temp dir, then move it into place: a failed write leaves nothing at `out`. A new
+    # `out` is the temp dir renamed; an empty one is filled in place, since renaming over it needs its
+    # parent writable and detaches it from a shell inside it or a mount on it.
     target = out.resolve()
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    fill = target.is_dir()
+    tmp = target / f".prepare.tmp-{os.getpid()}" if fill else target.parent / f".{target.name}.tmp-{os.getpid()}"
+    moved = []
     try:
         tmp.mkdir(parents=True)
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         tok.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.rename(target)  # replaces an empty dir only; never one that filled up meanwhile
+        if not fill:
+            tmp.rename(target)
+        elif any(p != tmp for p in target.iterdir()):
+            raise LadderError(f"--out {out} filled up meanwhile; nothing was written")
+        else:
+            for name in DATA_FILES:  # meta.json last: a dir without it is no data dir
+                (tmp / name).rename(target / name)
+                moved.append(target / name)
     except OSError as e:
+        for f in moved:
+            f.unlink()
         raise LadderError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+        shutil.rmtree(tmp, ignore_errors=True)  # on success: already renamed away, or left empty by the moves
     return meta
 
 
@@ -165,9 +179,9 @@ class TokenData:
             raise LadderError(f"data dir {path} lacks {', '.join(missing)}; create it with `ladderlm prepare`")
         try:
             meta = json.loads((path / "meta.json").read_text())
-            vocab_size = int(meta["vocab_size"])
-            if not (isinstance(meta["sha256"], str) and type(meta["val_chars"]) is int):  # what training and eval read
-                raise TypeError("sha256 must be a string and val_chars an integer")
+            vocab_size = meta["vocab_size"]  # training builds the model from it: "66" or 66.0 would crash there
+            if not (type(vocab_size) is int and isinstance(meta["sha256"], str) and type(meta["val_chars"]) is int):
+                raise TypeError("vocab_size and val_chars must be integers and sha256 a string")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise LadderError(f"data dir {path} has a corrupt meta.json ({e})") from None
         tokenizer = load_tokenizer(path / "tokenizer.json")

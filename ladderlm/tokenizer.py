@@ -48,7 +48,8 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids if i < self.eot_id)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"ladderlm_tokenizer": "char", "chars": self.chars}, ensure_ascii=False))
+        text = json.dumps({"ladderlm_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
+        path.write_text(text, encoding="utf-8")  # what load_tokenizer reads, whatever the locale
 
 
 class BpeTokenizer:
@@ -56,6 +57,9 @@ class BpeTokenizer:
 
     def __init__(self, hf):  # hf: tokenizers.Tokenizer
         self.hf = hf
+        # The text "<|endoftext|>" in a corpus or prompt is text, as for CharTokenizer: read as the
+        # separator token it would split documents and vanish on decode.
+        hf.encode_special_tokens = True
         self.eot_id = hf.token_to_id(EOT)
         self.vocab_size = hf.get_vocab_size()
 

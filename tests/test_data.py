@@ -1,5 +1,10 @@
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -31,6 +36,29 @@ def test_bpe_round_trip(tmp_path):
     assert len(tok.encode(CORPUS)) < len(CORPUS) / 2
     tok.save(tmp_path / "t.json")
     assert load_tokenizer(tmp_path / "t.json").encode(text) == tok.encode(text)
+
+
+def test_bpe_reads_the_eot_text_as_text(tmp_path):
+    """The literal string `<|endoftext|>` in a corpus or prompt is text, as for the char tokenizer:
+    not the separator token, which decoding would drop."""
+    tok = BpeTokenizer.train([CORPUS], vocab_size=300)
+    text = "a <|endoftext|> b"
+    tok.save(tmp_path / "t.json")
+    for t in (tok, load_tokenizer(tmp_path / "t.json")):
+        assert tok.eot_id not in t.encode(text) and t.decode(t.encode(text)) == text
+    (tmp_path / "doc.txt").write_text(CORPUS + text)
+    prepare(str(tmp_path / "doc.txt"), "bpe", tmp_path / "out", vocab_size=300)
+    d = TokenData.open(tmp_path / "out")
+    assert d.tokenizer.decode(np.concatenate([d.train, d.val]).tolist()) == CORPUS + text
+
+
+def test_char_tokenizer_file_is_utf8_in_any_locale(tmp_path):
+    """An ASCII locale must neither crash the save nor write bytes that the UTF-8 load cannot read."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = "import sys; from pathlib import Path; from ladderlm.tokenizer import CharTokenizer; "
+    code += "CharTokenizer(['a', '\\u00e9', '\\u2713']).save(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.json")], env=env, check=True)
+    assert load_tokenizer(tmp_path / "t.json").chars == ["a", "\u00e9", "\u2713"]
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -71,6 +99,22 @@ def test_stdlib_source_is_fixed_order():
 def test_shakespeare_download_fails_clearly(monkeypatch):
     monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(LadderError, match="--source PATH"):
+        data_mod.read_source("shakespeare")
+
+
+def test_shakespeare_download_cut_off_fails_clearly(monkeypatch):
+    """A connection that drops mid-body raises http.client.IncompleteRead, which is no OSError."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly a part")
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", f"http://127.0.0.1:{server.getsockname()[1]}/input.txt")
+    with server, pytest.raises(LadderError, match="cannot download tiny Shakespeare.*--source PATH"):
         data_mod.read_source("shakespeare")
 
 
@@ -127,6 +171,27 @@ def test_failed_prepare_leaves_nothing(tmp_path, corpus_file, monkeypatch):
     assert list((tmp_path / "sub").iterdir()) == []  # neither `out` nor the hidden temp dir
 
 
+def test_prepare_fills_an_empty_out_in_place(tmp_path, corpus_file, monkeypatch):
+    """An empty --out is filled, not replaced: it may be a shell's cwd, a mount point, or writable
+    under a parent that is not."""
+    out = tmp_path / "empty"
+    out.mkdir()
+    inode = out.stat().st_ino
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(CharTokenizer, "save", disk_full)
+        with pytest.raises(LadderError, match="nothing was written"):
+            prepare(str(corpus_file), "char", out)
+    assert list(out.iterdir()) == [] and list(tmp_path.iterdir()) == [out]
+    prepare(str(corpus_file), "char", out)
+    assert out.stat().st_ino == inode and sorted(f.name for f in out.iterdir()) == sorted(data_mod.DATA_FILES)
+    d = TokenData.open(out)
+    assert d.tokenizer.decode(np.concatenate([d.train, d.val]).tolist()) == CORPUS
+
+
 def test_prepare_refuses_out_inside_source(tmp_path):
     src = tmp_path / "docs"
     src.mkdir()
@@ -163,11 +228,13 @@ def test_bad_token_files(tmp_path, data_dir, split):
         TokenData.open(d)
 
 
-@pytest.mark.parametrize("edit", [{"sha256": None}, {"val_chars": "x"}])
+@pytest.mark.parametrize("edit", [{"sha256": None}, {"val_chars": "x"}, {"vocab_size": "VOCAB"}, {"vocab_size": 1.0}])
 def test_meta_fields_that_training_and_eval_read_are_checked(tmp_path, data_dir, edit):
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)
     meta = json.loads((d / "meta.json").read_text())
+    if "vocab_size" in edit:  # the right number, of the wrong type: training would build the model from it
+        edit = {"vocab_size": type(edit["vocab_size"])(meta["vocab_size"])}
     (d / "meta.json").write_text(json.dumps({**meta, **edit}))
     with pytest.raises(LadderError, match="corrupt meta.json"):
         TokenData.open(d)
