@@ -226,7 +226,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
     if preset is not None:
         if preset not in preset_names():
             raise LadderError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
-        cfg = from_dict(_read_toml(resources.files("ladderlm.presets").joinpath(f"{preset}.toml").read_text(), preset))
+        text = resources.files("ladderlm.presets").joinpath(f"{preset}.toml").read_text(encoding="utf-8")
+        cfg = from_dict(_read_toml(text, preset))
     elif path is not None:
         path = Path(path)
         if not path.is_file():
@@ -314,6 +315,8 @@ def validate(cfg: Config) -> Config:
         raise LadderError(f"nextlat.horizon ({n.horizon}) must be smaller than model.block_size ({m.block_size})")
     if m.n_step > 1 and n.horizon > m.n_step - 1:
         raise LadderError(f"nextlat.horizon for a ladder must be in [0, n_step - 1] = [0, {m.n_step - 1}], got {n.horizon}")
+    if n.horizon and m.train_prompts:  # its rollout treats every window as opened by the start token alone
+        raise LadderError("nextlat.horizon does not read training prompts (model.train_prompts); use one of them")
     if n.horizon and m.n_step > 1 and (m.train_passes or m.n_step) > 1:
         raise LadderError(
             "nextlat.horizon and model.train_passes > 1 both roll the ladder out; "

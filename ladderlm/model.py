@@ -88,8 +88,8 @@ class LadderLM(nn.Module):
             return ladder.window_sum_noise(B, P, S, E, generator, emb.device) * scale
         if draws is None:
             draws = torch.randn(B, P, S - 1, E, generator=generator, device=emb.device)
-        if kind == "orthogonal":
-            return ladder.orthogonal_noise(emb, draws)
+        if kind == "orthogonal":  # built from the embeddings' values: detached, or the noise would carry their gradient
+            return ladder.orthogonal_noise(emb.detach(), draws)
         return ladder.independent_noise(draws) * scale
 
     def embed_slots(
@@ -179,7 +179,13 @@ class LadderLM(nn.Module):
         return self.run(x, state)
 
     def rollout(
-        self, x: Tensor, y: Tensor, steps: int, known: Tensor | int = 1, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        known: Tensor | int = 1,
+        generator: torch.Generator | None = None,
+        draws: Tensor | None = None,
     ) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
 
@@ -188,7 +194,8 @@ class LadderLM(nn.Module):
         and fills every other slot (a token the sampler would not have emitted yet) from the
         previous pass's outputs one position back (`feed_back`). Pass k then equals the
         free-running sampler (true tokens on the clean rung) at positions 0..k, with one batched
-        backbone pass per step. Returns the outputs (B, L, S, E) of every pass.
+        backbone pass per step. `draws` (B, L, S-1, E) fixes the fills' Gaussians (`feed_back`), the
+        same for every pass. Returns the outputs (B, L, S, E) of every pass.
         """
         B, L, S, E = x.shape
         j = ladder.slot_tokens(torch.arange(L, device=x.device), S)  # (L, S)
@@ -196,7 +203,7 @@ class LadderLM(nn.Module):
         fed = (j >= known) & (torch.arange(S, device=x.device) < S - 1)  # (L, S) or (B, L, S): not emitted yet there
         outs = []
         for _ in range(steps):
-            y, _ = self.feed_back(x, y, fed, self.empty_state(B, x.device), generator=generator)
+            y, _ = self.feed_back(x, y, fed, self.empty_state(B, x.device), draws, generator)
             outs.append(y)
         return outs
 
@@ -220,19 +227,28 @@ class LadderLM(nn.Module):
         passes, n_graph = self.pass_counts(passes)
         blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
 
-        def one_pass(y: Tensor, k: int) -> Tensor:  # the first one reads x itself unless blank
+        def one_pass(y: Tensor, k: int, draws: Tensor | None = None) -> Tensor:  # the first one reads x itself unless blank
             return (
-                self.rollout(x, y, 1, known, generator)[-1]
+                self.rollout(x, y, 1, known, generator, draws)[-1]
                 if blank or k
                 else self.run(x, self.empty_state(x.shape[0], x.device))[0]
             )
+
+        def fill_draws(k: int) -> Tensor | None:
+            """The Gaussians (B, L, S-1, E) pass k's renoised fills would draw, the same numbers in the same
+            order, drawn before the pass: checkpoint replays the global RNG in the backward, not a generator."""
+            if self.cfg.sample_fill != "renoise" or not (blank or k):  # raw fills draw nothing
+                return None
+            B, L, S, E = x.shape
+            draws = torch.randn(B, L - 1, S - 1, E, generator=generator, device=x.device)
+            return F.pad(draws, (0, 0, 0, 0, 1, 0))  # position 0 is never filled
 
         y = torch.zeros_like(x)
         for k in range(passes):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - n_graph):
                 # the last pass keeps its activations: the backward starts there and would rerun it at once
                 recompute = self.cfg.recompute_passes and torch.is_grad_enabled() and k < passes - 1
-                y = checkpoint(one_pass, y, k, use_reentrant=False) if recompute else one_pass(y, k)
+                y = checkpoint(one_pass, y, k, fill_draws(k), use_reentrant=False) if recompute else one_pass(y, k)
         return y
 
     def prompt_lengths(self, idx: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -86,6 +86,12 @@ def test_early_passes_need_a_ladder_without_nextlat():
     assert load_config("shakespeare-char-cpu-ladder4", overrides=early).train.early_passes == 2
 
 
+@pytest.mark.parametrize("preset", ["shakespeare-char-cpu", "shakespeare-char-cpu-ladder4-kl"])
+def test_nextlat_refuses_training_prompts(preset):
+    with pytest.raises(LadderError, match="does not read training prompts"):
+        load_config(preset, overrides=["nextlat.horizon=1", "model.train_prompts=0.5"])
+
+
 def test_bad_config_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[model]\nn_layer = 'four'\n")

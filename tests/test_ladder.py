@@ -124,11 +124,22 @@ def test_noised_slots_keep_the_embedding_scale(noise):
     assert torch.allclose(ratio, torch.ones(4), atol=0.1), ratio
 
 
+@pytest.mark.parametrize("noise", ["window", "independent", "orthogonal"])
+def test_noise_carries_no_gradient(noise):
+    """Every construction is built from values only (orthogonal noise from the embeddings'): the loss
+    reaches the embeddings through the signal, never through the noise."""
+    model = tiny_model(4, vocab_size=13, noise=noise)
+    emb = model.wte(torch.randint(13, (2, 5, 4)))  # (B, P, S, E), requires grad
+    assert emb.requires_grad and not model.noise(noise, emb, torch.Generator().manual_seed(0)).requires_grad
+
+
 @pytest.mark.parametrize("n_step", [1, 2, 4])
 @pytest.mark.parametrize("fill", ["raw", "renoise"])
-def test_free_running_has_no_leak(n_step, fill):
+@pytest.mark.parametrize("backbone", ["attention", "ssm"])
+def test_free_running_has_no_leak(n_step, fill, backbone):
     """The logits that score token k do not change when any token >= k changes."""
-    model = tiny_model(n_step=n_step, vocab_size=12, block_size=10, sample_fill=fill)
+    ssm = {"ssm_state": 4, "ssm_head_dim": 4, "ssm_chunk": 4} if backbone == "ssm" else {}
+    model = tiny_model(n_step=n_step, vocab_size=12, block_size=10, sample_fill=fill, backbone=backbone, **ssm)
     text = torch.randint(11, (2, 30))
     k = 17  # past a slide of the 10-token window
     other = text.clone()

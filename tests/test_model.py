@@ -45,6 +45,23 @@ def test_a_loss_with_a_generator_is_fixed_and_leaves_the_global_rng(sample_fill)
     assert torch.equal(losses[0], losses[1]) and torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.parametrize("noise", ["independent", "orthogonal"])
+def test_recomputed_renoised_passes_with_a_generator_are_the_same_numbers(noise):
+    """Renoised fills draw from the loss's generator, and checkpoint replays only the global RNG in the
+    backward: a recomputed pass must get the draws it made. The same loss, gradients and generator after."""
+    idx, targets = torch.randint(11, (2, 8)), torch.randint(11, (2, 8))
+    runs = []
+    for recompute in (False, True):
+        model = tiny_model(3, train_passes=4, sample_fill="renoise", noise=noise, recompute_passes=recompute).train()
+        g = torch.Generator().manual_seed(1)
+        loss = model(idx, targets, generator=g)[1]
+        loss.backward()
+        runs.append((loss, [p.grad for p in model.parameters()], torch.rand(1, generator=g)))
+    (loss, grads, after), (loss_r, grads_r, after_r) = runs
+    assert torch.equal(loss, loss_r) and torch.equal(after, after_r)
+    assert all(torch.equal(g, g_r) for g, g_r in zip(grads, grads_r, strict=True))
+
+
 def test_positions_past_the_table_are_refused():
     model = tiny_model(block_size=4)
     x, _ = model.embed_slots(torch.randint(11, (1, 5)), torch.arange(5), "zero")
