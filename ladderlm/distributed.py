@@ -69,11 +69,12 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, find_unused: bool = False) -> nn.Module:
+        """DDP over `model`; `find_unused`: some parameters get no gradient (DDP then searches the graph every step)."""
         if self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
     def no_sync(self, model: nn.Module, last_micro_step: bool):
         """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""

@@ -7,16 +7,20 @@ import torch
 from . import ladder
 
 START = "^"  # the start-of-text token every window begins with
+PAD = "."
 
 
 def _visible(char: str) -> str:
-    """A one-cell label for a prompt character: spaces and control characters would break the grid."""
+    """A one-cell label for a prompt character: spaces and control characters would break the grid,
+    and a prompt's own '^' or '.' would read as the start token or a pad."""
+    if char in (START, PAD):
+        return "\\" + char
     return "␣" if char == " " else char if char.isprintable() else repr(char)[1:-1]
 
 
 def _label(j: int, prompt: list[str]) -> str:
     if j < 0:
-        return "."
+        return PAD
     return prompt[j] if j < len(prompt) else f"#{j - len(prompt) + 1}"
 
 
@@ -24,7 +28,8 @@ def explain(n_step: int, prompt_text: str, new_tokens: int = 2) -> str:
     """The ladder of a character prompt phase by phase: which slot holds which token, and why.
 
     Tokens are the prompt's characters after the start token '^'; '#k' is the k-th generated
-    token; '.' a pad. Rungs are listed clean (S-1) first, as in the seed's drawing.
+    token; '.' a pad (a prompt's own '^' and '.' are drawn '\\^' and '\\.'). Rungs are listed clean
+    (S-1) first, as in the seed's drawing.
     """
     S, prompt = n_step, [START, *map(_visible, prompt_text)]
     t = len(prompt)

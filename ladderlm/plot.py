@@ -27,6 +27,12 @@ def _name(run_dir: Path) -> str:
     return Path(run_dir).absolute().name  # `plot .` gets a legend entry too
 
 
+def _names(run_dirs: list[Path]) -> list[str]:
+    """Legend names: the runs' dir names, or their whole paths where two share one (seed1/gpt, seed2/gpt)."""
+    names = [_name(d) for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(Path(d).absolute()) for d in run_dirs]
+
+
 PLOTTED = ("step", "loss", "val_loss")
 
 
@@ -134,7 +140,7 @@ def _save(fig, ax, out: Path) -> None:
 
 def plot_rungs(run_dirs: list[Path], out: Path) -> None:
     """Per-rung teacher-forced cross-entropy (left) and denoise ratio (right, rungs 1..S-1) per run."""
-    runs = [(_name(d), *_eval_fields(d, per_rung=_rungs_ok)) for d in run_dirs]  # read all before drawing
+    runs = [(name, *_eval_fields(d, per_rung=_rungs_ok)) for name, d in zip(_names(run_dirs), run_dirs)]  # all read first
     plt = _pyplot()
     fig, (ce_ax, dn_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
     for name, rungs in runs:
@@ -152,12 +158,12 @@ def plot_rungs(run_dirs: list[Path], out: Path) -> None:
 def plot_free_vs_teacher_forced(run_dirs: list[Path], out: Path) -> None:
     """Free-running loss against teacher-forced loss, one point per run; the diagonal is no mismatch."""
     points = []
-    for d in run_dirs:
+    for name, d in zip(_names(run_dirs), run_dirs):
         tf, free = _eval_fields(d, teacher_forced_loss=_number, free_running_loss=_number)
         if not all(math.isfinite(x) and x > 0 for x in (tf, free)):  # a diverged run: log axes cannot place it
             losses = f"{tf} (teacher-forced), {free} (free-running)"
             raise LadderError(f"{Path(d) / 'eval.json'} has losses {losses} that log axes cannot show")
-        points.append((_name(d), tf, free))
+        points.append((name, tf, free))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     for name, tf, free in points:
@@ -171,7 +177,7 @@ def plot_free_vs_teacher_forced(run_dirs: list[Path], out: Path) -> None:
 
 def plot_losses(run_dirs: list[Path], out: Path) -> None:
     """Training loss (thin) and validation loss (markers) per run against steps."""
-    runs = [(_name(d), read_metrics(d)) for d in run_dirs]  # read all before drawing
+    runs = [(name, read_metrics(d)) for name, d in zip(_names(run_dirs), run_dirs)]  # read all before drawing
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, records in runs:

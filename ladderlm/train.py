@@ -170,18 +170,33 @@ class Run:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def records(self) -> list[dict]:
+        """The records of metrics.jsonl, less a torn line (a crash in the middle of a write)."""
+        records = []
+        for line in self.metrics.read_text().splitlines() if self.metrics.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def evaluation(self, step: int) -> dict[str, float] | None:
+        """The losses of the evaluation logged at `step`, if it was: it comes after that step's checkpoint."""
+        found = [r for r in self.records() if r.get("step") == step and {"train_loss", "val_loss"} <= r.keys()]
+        return {k: found[-1][k] for k in ("train_loss", "val_loss")} if found else None
+
     def truncate_metrics(self, step: int) -> None:
-        """Drop records written after the checkpoint a resume starts from (those past `step`, and the
-        evaluation at `step` itself, which comes after its checkpoint and is run again), and a torn line."""
+        """Drop the records written after the checkpoint a resume starts from (those past `step`), and a torn line."""
         if self.metrics.exists():
-            records = []
-            for line in self.metrics.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a crash in the middle of a write
-                    continue
-            kept = [r for r in records if r.get("step", step + 1) < step or (r.get("step") == step and "val_loss" not in r)]
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in self.records() if r.get("step", step + 1) <= step]
+            tmp = self.metrics.with_name(self.metrics.name + ".tmp")
+            try:  # swapped in whole: a full disk or a kill here leaves the old log, never an emptied one
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                tmp.replace(self.metrics)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def claim(self, cfg: Config, fresh: bool) -> None:
         """Write config.json, and check that the dir takes the new files every checkpoint needs, before
@@ -244,6 +259,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     if ddp.rank:  # every rank made the same weights; from here each draws its own noise and dropout
         torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank))
     step = skipped = 0
+    losses: dict[str, float] = {}
+    evaluated = -1  # the step last evaluated: a skipped step comes back to the same one
     if resume:
         resumed, saved, _ = checkpoint.load(run.ckpt, device)
         changed = differing_keys(saved, cfg)
@@ -256,7 +273,10 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             model.load_state_dict(resumed.state_dict())
             if objective.psi is not None:
                 checkpoint.load_module(run.ckpt, "psi", objective.psi)
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizer"])
+            for group, setting in zip(optimizer.param_groups, settings, strict=True):
+                group.update(setting)  # the config's weight decay and betas, not the checkpoint's: a resume may change them
         except (RuntimeError, ValueError, LadderError) as e:
             if not changed:  # the checkpoint's own files disagree
                 raise LadderError(f"{run.ckpt} is corrupt: {str(e).splitlines()[0]}") from None
@@ -270,13 +290,17 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             set_rng_states(ranks[0])
             torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
         data_gen.set_state(state["data_rng"])
+        if found := run.evaluation(step):  # read by every rank before rank 0 truncates the log: all skip it alike
+            evaluated, losses = step, found
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
     if ddp.main:
         if resume:
             run.truncate_metrics(step)
         run.out.mkdir(parents=True, exist_ok=True)
         run.claim(cfg, fresh=not resume)
-    trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective)
+    # NextLat with both weights 0 keeps psi (and a resume's optimizer state) but trains it with nothing: DDP must not wait for it.
+    idle_psi = objective.psi is not None and not (cfg.nextlat.lambda_h or cfg.nextlat.lambda_kl)
+    trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective, find_unused=idle_psi)
 
     def save_checkpoint() -> None:
         streams = ddp.gather(rng_states())  # a collective: every rank saves at the same steps
@@ -298,16 +322,15 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run.out / "tb"), purge_step=step) if ddp.main else None
+    # A resume hides the events after its checkpoint; those at its step (the log, the evaluation) are kept, as in metrics.jsonl.
+    writer = SummaryWriter(str(run.out / "tb"), purge_step=step + 1 if resume else None) if ddp.main else None
     t = cfg.train
     tokens_per_step = t.batch_size * ddp.world * t.grad_accum * cfg.model.block_size
     bar = tqdm(total=t.max_iters, initial=step, disable=not (progress and ddp.main), unit="it", dynamic_ncols=True)
     precision = distributed.autocast(device, t.precision)
     objective.train()
-    losses: dict[str, float] = {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
     window_grad_norm, window_clipped = 0.0, 0
-    evaluated = -1  # the step last evaluated: a skipped step comes back to the same one
     signals = StopSignals()
 
     def say(message: str) -> None:
@@ -324,11 +347,11 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     try:
         while True:
             if (step % t.eval_interval == 0 or step == t.max_iters) and step != evaluated:
-                evaluated = step
+                evaluated, eval_start = step, time.perf_counter()
                 losses = estimate_loss(model, data, cfg, ddp)  # every rank scores its rows; all get the mean
                 log({"step": step, **losses})
                 say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
-                window_start = time.perf_counter()
+                window_start += time.perf_counter() - eval_start  # tokens/s of the window's steps, not of this eval
             if step >= t.max_iters:
                 break
             lr = learning_rate(step, cfg)

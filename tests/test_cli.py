@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ladderlm.cli import main
+from ladderlm.explain import explain
 
 
 def snapshot(*dirs: Path) -> dict:
@@ -132,6 +133,12 @@ def test_explain_draws_spaces_and_control_characters_in_one_cell(capsys):
     assert main(["explain", "--n-step", "2", "--prompt", "a b\tc"]) == 0
     grid = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rung 0")][0]
     assert "␣" in grid and "\\t" in grid and "\t" not in grid
+
+
+def test_explain_tells_a_prompts_dot_and_caret_from_pads_and_the_start_token():
+    """`ladderlm explain` draws a diagram too: "Hi." must not show its '.' as a pad."""
+    grid = {line[:10].strip(): line[10:].split() for line in explain(3, ".^", 0).splitlines() if line.startswith("rung ")}
+    assert grid["rung 1"] == [".", "^", "\\."] and grid["rung 0"] == ["^", "\\.", "\\^"]
 
 
 @pytest.mark.parametrize(

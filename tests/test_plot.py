@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from ladderlm import plot as plotting
 from ladderlm.cli import main
 from ladderlm.plot import plot
 
@@ -131,3 +132,23 @@ def test_bad_run_dir(tmp_path, capsys, kind):
     run_bad(capsys, ["plot", str(run / "eval.json"), "--kind", kind, "--out", out], tmp_path, match="is not a run dir")
     # a good run first: nothing is written when a later one is bad
     run_bad(capsys, ["plot", str(run), str(tmp_path / "nope"), "--kind", kind, "--out", out], tmp_path, match="does not exist")
+
+
+@pytest.mark.parametrize("kind", ["losses", "rungs", "free-vs-tf"])
+def test_runs_of_the_same_name_get_legend_entries_apart(tmp_path, monkeypatch, kind):
+    """seed1/gpt and seed2/gpt: each curve must say which run it is."""
+    runs = []
+    for seed in ("seed1", "seed2"):
+        (tmp_path / seed).mkdir()
+        runs.append(make_run(tmp_path / seed, name="gpt"))
+    labels = []
+    save = plotting._save
+
+    def labelled(fig, ax, out):
+        labels.extend(ax.get_legend_handles_labels()[1])
+        save(fig, ax, out)
+
+    monkeypatch.setattr(plotting, "_save", labelled)
+    plot(kind, runs, tmp_path / "p.png")
+    run_labels = [label for label in labels if "=" not in label]  # not free-vs-tf's diagonal
+    assert len(run_labels) == len(set(run_labels)) >= 2

@@ -1,11 +1,15 @@
 """Crashes, signals, bad numbers and hostile inputs: nothing lost, nothing silent, no traceback."""
 
+import errno
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -172,3 +176,24 @@ def test_fuzzed_set_strings_and_prompts_never_traceback(tmp_path, run_dir, data_
         code = main(["sample", "--ckpt", str(run_dir), "--prompt", prompt, "--max-new-tokens", "3"])
         err = capsys.readouterr().err
         assert code in (0, 1) and (code == 0 or (err.count("\n") == 1 and err.startswith("ladderlm: error:"))), (prompt, err)
+
+
+def test_a_full_disk_at_resume_leaves_the_metrics_whole(tmp_path, run_dir, data_dir, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = (run / "metrics.jsonl").read_bytes()
+    write_text = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name.startswith("metrics"):
+            self.open("w").close()  # what a full disk leaves: the file opened, so emptied, and the write refused
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    argv = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=22"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ladderlm: error: No space left on device")
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert not (run / "metrics.jsonl.tmp").exists()

@@ -1,8 +1,10 @@
 import json
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
 
+from ladderlm import checkpoint, train
 from ladderlm.cli import main
 
 from .conftest import train_args
@@ -100,7 +102,7 @@ def test_resuming_a_finished_run_logs_its_last_evaluation_once(tmp_path, data_di
     assert main(train_args(data_dir, run, "--set", "train.max_iters=4", "--set", "train.eval_interval=2")) == 0
     before = (run / "metrics.jsonl").read_text()
     assert main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress"]) == 0
-    assert (run / "metrics.jsonl").read_text() == before  # the final evaluation, run again, is the same record
+    assert (run / "metrics.jsonl").read_text() == before  # the final evaluation is kept, not logged again
 
 
 def test_a_second_run_starting_in_the_same_dir_stops_at_once(tmp_path):
@@ -113,3 +115,68 @@ def test_a_second_run_starting_in_the_same_dir_stops_at_once(tmp_path):
     run.claim(Config(), fresh=True)
     with pytest.raises(LadderError, match="another run is starting"):
         run.claim(Config(), fresh=True)
+
+
+def resume_args(data_dir, run, *extra) -> list[str]:
+    return ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", *extra]
+
+
+def test_tokens_per_s_counts_the_steps_time_not_an_evaluation_inside_the_window(tmp_path, data_dir, monkeypatch):
+    """eval_interval 3, log_interval 2: the eval after step 3 falls inside the window of steps 3-4."""
+    clock = [0.0]
+    forward, estimate = train.Objective.forward, train.estimate_loss
+
+    def a_step_takes_a_second(self, *args):
+        clock[0] += 1.0
+        return forward(self, *args)
+
+    def an_eval_takes_100_seconds(*args):
+        clock[0] += 100.0
+        return estimate(*args)
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(train.Objective, "forward", a_step_takes_a_second)
+    monkeypatch.setattr(train, "estimate_loss", an_eval_takes_100_seconds)
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=6", "--set", "train.eval_interval=3")) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens_per_s"] for r in records if "loss" in r] == [4 * 16] * 3  # batch_size x block_size a second
+
+
+def test_resuming_a_finished_run_for_more_steps_keeps_its_last_evaluation(tmp_path, data_dir):
+    """The final evaluation at a step off eval_interval stays, in metrics.jsonl and TensorBoard, as does the log at that step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=6", "--set", "train.eval_interval=4")) == 0
+    assert main(resume_args(data_dir, run, "--set", "train.max_iters=8")) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 6, 8]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_loss")] == [0, 4, 6, 8]
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6, 8]
+
+
+def test_resume_trains_with_a_changed_weight_decay_and_betas(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=2")) == 0
+    changed = ["--set", "train.max_iters=3", "--set", "train.weight_decay=0.0", "--set", "train.beta1=0.5"]
+    assert main(resume_args(data_dir, run, *changed)) == 0
+    groups = checkpoint.load_trainer_state(run / "ckpt")["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.5, 0.99))] * 2
+
+
+def test_nextlat_with_both_weights_zero_trains_under_ddp(tmp_path, data_dir):
+    """psi is made but nothing trains it: DDP must not wait for its gradients (it raised at the second step)."""
+    from .test_distributed import torchrun
+
+    idle = ["--set", "nextlat.horizon=2", "--set", "nextlat.lambda_h=0", "--set", "nextlat.lambda_kl=0",
+            "--set", "train.max_iters=3"]  # fmt: skip
+    torchrun(train_args(data_dir, tmp_path / "two", *idle, "--set", "train.batch_size=2"))
+    assert main(train_args(data_dir, tmp_path / "one", *idle)) == 0
+    two, one = (load_file(tmp_path / run / "ckpt" / "psi.safetensors") for run in ("two", "one"))
+    assert all((two[k] == one[k]).all() for k in one)  # untouched, as in one process
+    two, one = (load_file(tmp_path / run / "ckpt" / "model.safetensors") for run in ("two", "one"))
+    assert all((two[k] - one[k]).abs().max() < 1e-4 for k in one)  # the ranks' sums round differently
