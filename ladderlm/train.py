@@ -303,6 +303,15 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective, find_unused=idle_psi)
 
     def save_checkpoint() -> None:
+        # A finite loss can still leave non-finite weights (a learning rate past float32's range): never save them.
+        # Every rank holds the same weights, so all stop here together.
+        if not torch.stack([p.isfinite().all() for p in objective.parameters()]).all():
+            raise LadderError(
+                f"step {step}: the weights are not finite after the update; training stopped, nothing saved. "
+                f"The last good checkpoint is {run.ckpt}"
+                + ("" if run.ckpt.exists() else " (none written yet)")
+                + "; lower train.learning_rate"
+            )
         streams = ddp.gather(rng_states())  # a collective: every rank saves at the same steps
         if ddp.main:
             trainer_state = {

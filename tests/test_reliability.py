@@ -93,6 +93,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert good >= 1 and all(p.isfinite().all() for p in model.parameters())
 
 
+def test_weights_made_non_finite_by_a_finite_loss_are_never_saved(tmp_path, data_dir, capsys):
+    """lr 1e39 is inf in float32: step 1's loss is finite, its update is not."""
+    run = tmp_path / "run"
+    lr = ["--set", "train.warmup_iters=0", "--set", "train.learning_rate=1e39", "--set", "train.min_lr=0"]
+    argv = train_args(data_dir, run, "--set", "train.max_iters=5", "--set", "train.checkpoint_interval=1", *lr)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights are not finite" in err and "none written yet" in err
+    assert not (run / "ckpt").exists()
+
+
 def test_a_skipped_step_is_not_evaluated_twice_and_a_resume_keeps_the_skip_count(tmp_path, data_dir, capsys, monkeypatch):
     forward = train.Objective.forward
     calls = []
