@@ -325,10 +325,23 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Replace a file's text by a temp file swapped in: a full disk or a kill leaves the old text, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_json(cfg: Config, path: Path, exclusive: bool = False) -> None:
     """Write the config; `exclusive` fails (FileExistsError) if the file exists."""
-    with open(path, "x" if exclusive else "w") as f:
-        f.write(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    if not exclusive:
+        return write_whole(path, text)
+    with open(path, "x") as f:
+        f.write(text)
 
 
 def load_json(path: Path) -> Config:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import ARCHITECTURE_KEYS, Config, differing_keys, save_json
+from .config import ARCHITECTURE_KEYS, Config, differing_keys, save_json, write_whole
 from .data import TokenData, check_new_dir
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
@@ -191,12 +191,7 @@ class Run:
         """Drop the records written after the checkpoint a resume starts from (those past `step`), and a torn line."""
         if self.metrics.exists():
             kept = [r for r in self.records() if r.get("step", step + 1) <= step]
-            tmp = self.metrics.with_name(self.metrics.name + ".tmp")
-            try:  # swapped in whole: a full disk or a kill here leaves the old log, never an emptied one
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                tmp.replace(self.metrics)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_whole(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def claim(self, cfg: Config, fresh: bool) -> None:
         """Write config.json, and check that the dir takes the new files every checkpoint needs, before

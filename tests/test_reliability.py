@@ -189,14 +189,15 @@ def test_fuzzed_set_strings_and_prompts_never_traceback(tmp_path, run_dir, data_
         assert code in (0, 1) and (code == 0 or (err.count("\n") == 1 and err.startswith("ladderlm: error:"))), (prompt, err)
 
 
-def test_a_full_disk_at_resume_leaves_the_metrics_whole(tmp_path, run_dir, data_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json"])
+def test_a_full_disk_at_resume_leaves_the_run_files_whole(tmp_path, run_dir, data_dir, capsys, monkeypatch, name):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    before = (run / "metrics.jsonl").read_bytes()
+    before = (run / name).read_bytes()
     write_text = Path.write_text
 
     def disk_full(self, *args, **kwargs):
-        if self.name.startswith("metrics"):
+        if self.name.startswith(name):
             self.open("w").close()  # what a full disk leaves: the file opened, so emptied, and the write refused
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
         return write_text(self, *args, **kwargs)
@@ -205,6 +206,6 @@ def test_a_full_disk_at_resume_leaves_the_metrics_whole(tmp_path, run_dir, data_
     argv = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=22"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("ladderlm: error: No space left on device")
-    assert (run / "metrics.jsonl").read_bytes() == before
-    assert not (run / "metrics.jsonl.tmp").exists()
+    assert err.count("\n") == 1 and err.startswith("ladderlm: error:") and "No space left on device" in err
+    assert (run / name).read_bytes() == before
+    assert not (run / f"{name}.tmp").exists()
