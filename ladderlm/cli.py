@@ -139,9 +139,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 emitted[r].append(t)
                 finished[r] = cut_at_stop(tokenizer.decode(emitted[r][-reach:]), args.stop)[1]
             if args.stream:
-                text = cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0]
+                text = cut_at_stop(streamed_text(), args.stop)[0]
                 show(text[: len(text) - held_back(text, args.stop)])
             return torch.tensor(finished, device=token.device)
+
+        settled: list = [0, ""]  # row 0's first tokens, ending on a character boundary, and their text
+
+        def streamed_text() -> str:
+            """Row 0's text so far, decoding only its unsettled tokens: one token costs O(reach), not O(length)."""
+            ids, (k, text) = emitted[0], settled
+            if len(ids) - k > 2 * reach:
+                head = tokenizer.decode(ids[k : len(ids) - reach])
+                if not head.endswith("\ufffd"):  # a whole character last: the tokens after it decode on their own
+                    k, text = len(ids) - reach, text + head
+                    settled[:] = k, text
+            return text + tokenizer.decode(ids[k:])
 
         def show(text: str) -> None:  # text only grows past what is shown: held-back characters are never shown early
             if len(text) > shown[0]:
@@ -163,7 +175,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         slide=not args.no_slide,
     )
     if args.stream:
-        show(cut_at_stop(tokenizer.decode(emitted[0]), args.stop)[0])  # what was held back, if the sample ended there
+        show(cut_at_stop(streamed_text(), args.stop)[0])  # what was held back, if the sample ended there
         print()
         return
     for i, (prompt, ids) in enumerate(zip(rows, out)):

@@ -162,3 +162,27 @@ def test_stream_holds_back_a_stop_string_before_a_split_character(monkeypatch, c
     for stream in ([], ["--stream"]):
         assert main(["sample", "--ckpt", "run", "--device", "cpu", "--stop", "xé", *stream]) == 0
         assert capsys.readouterr().out == "a\n", stream
+
+
+@pytest.mark.parametrize("stop", [[], ["--stop", "☃ z"]])
+def test_a_long_stream_prints_what_a_whole_decode_does(monkeypatch, capsys, stop):
+    """--stream decodes only the tokens after the last whole character it settled: the same text."""
+    tok = BpeTokenizer.train(["hello world abc " * 50], 300)  # é, ö and ☃ stay bytes: characters split across tokens
+    script = tok.encode("héllo wörld ☃ " * 30 + "☃ z tail")
+    model = SimpleNamespace(cfg=SimpleNamespace(block_size=64))
+    monkeypatch.setattr("ladderlm.checkpoint.load", lambda *args, **kwargs: (model, None, tok))
+
+    def generate(model, prompts, eot_id, n, *args, slide=True):
+        on_token, out = args[5], []
+        for t in script[:n]:
+            out.append(t)
+            if on_token is not None and on_token(torch.tensor([t]))[0]:
+                break
+        return [out]
+
+    monkeypatch.setattr("ladderlm.sampling.generate", generate)
+    outs = []
+    for stream in ([], ["--stream"]):
+        assert main(["sample", "--ckpt", "run", "--device", "cpu", "--max-new-tokens", "1000", *stop, *stream]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("héllo wörld ☃ ") and ("tail" in outs[0]) == (not stop)
