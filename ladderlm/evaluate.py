@@ -177,10 +177,11 @@ def repeat_rate(rows: Tensor, n: int = 8) -> float:
     return repeats / total
 
 
-def text_quality(rows: Tensor, scorer: LadderLM, eot_id: int) -> dict[str, float | None]:
-    """gen_ppl (perplexity under `scorer`, each row read from the start token) and its standard error
-    over rows (gen_ppl_se, rows taken as independent draws), distinct-2/3, repeat rate."""
-    row_nll = token_nll(scorer.eval(), rows, eot_id).mean(1).double().cpu()  # (R,)
+def text_quality(rows: Tensor, scorer: LadderLM, eot_id: int, seed: int = 0) -> dict[str, float | None]:
+    """gen_ppl (perplexity under `scorer`, each row read from the start token; a ladder's noise drawn
+    from `seed`) and its standard error over rows (gen_ppl_se, rows taken as independent draws),
+    distinct-2/3, repeat rate."""
+    row_nll = token_nll(scorer.eval(), rows, eot_id, seed).mean(1).double().cpu()  # (R,)
     gen_ppl = math.exp(row_nll.mean().item())
     return {
         "gen_ppl": gen_ppl,
@@ -196,7 +197,7 @@ def drawn_quality(model: LadderLM, scorer: LadderLM, n: int, length: int, eot_id
     exponential of its entropy rate) and kl = ln(gen_ppl / self_ppl), an estimate of KL(model || scorer)
     in nats per token: gen_ppl = exp(entropy + kl), so samples score well by being sharp or close."""
     rows, nll = sample(model, n, length, eot_id, seed)
-    quality = text_quality(rows, scorer, eot_id)
+    quality = text_quality(rows, scorer, eot_id, seed)  # the draws' noise: a ladder re-reading its own samples gets their NLL
     self_nll = nll.mean().item()
     return quality | {"self_ppl": math.exp(self_nll), "kl": math.log(quality["gen_ppl"]) - self_nll}
 
@@ -213,5 +214,5 @@ def sample_quality(model: LadderLM, scorer: LadderLM, data: TokenData, n: int, l
         "seed": seed,
         "model": drawn_quality(model, scorer, n, length, eot, seed),
         "scorer": drawn_quality(scorer, scorer, n, length, eot, seed),
-        "data": text_quality(val[picks], scorer, eot),
+        "data": text_quality(val[picks], scorer, eot, seed),
     }

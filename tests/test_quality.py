@@ -12,7 +12,7 @@ import torch
 from ladderlm.cli import main
 from ladderlm.config import load_config
 from ladderlm.errors import LadderError
-from ladderlm.evaluate import distinct_n, free_running_nll, repeat_rate, sample
+from ladderlm.evaluate import distinct_n, drawn_quality, free_running_nll, repeat_rate, sample
 from ladderlm.sampling import decode
 
 from .conftest import tiny_model, train_args
@@ -160,6 +160,8 @@ def test_samples_carry_the_nll_they_were_drawn_with(n_step):
     rows, nll = sample(model, n=5, length=11, eot_id=10, seed=3)
     assert rows.shape == nll.shape == (5, 11)
     assert nll.sum().item() == free_running_nll(model, rows, torch.full((5,), 11), eot_id=10, seed=3)
+    quality = drawn_quality(model, model, n=5, length=11, eot_id=10, seed=3)  # scored with the draws' seed too
+    assert abs(quality["kl"]) < 1e-6, quality
 
 
 def test_eval_samples_scorer_and_plots(tmp_path, run_dir, data_dir, capsys):
