@@ -140,35 +140,11 @@ def test_stop_strings_and_sizes_are_checked_in_one_line(run_dir, data_dir, capsy
     run_bad(capsys, [*evaluate, "--samples", str(2**61), "--sample-length", "8"], run_dir, match="out of range")
 
 
-def test_stream_holds_back_a_stop_string_before_a_split_character(monkeypatch, capsys):
-    """Byte-level BPE: "x" then the first byte of "é" decode to "x\ufffd"; the stop "xé" may still
-    follow, so "x" is not printed before the next token decides it."""
-    tok = BpeTokenizer.train(["hello world abc " * 50], 300)  # no merge for "é": two byte tokens
-    script = tok.encode("axé and on")
-    assert tok.decode(script[:3]) == "ax\ufffd"
-    assert held_back("ax\ufffd", ["xé"]) == 2
-    model = SimpleNamespace(cfg=SimpleNamespace(block_size=64))
-    monkeypatch.setattr("ladderlm.checkpoint.load", lambda *args, **kwargs: (model, None, tok))
-
-    def generate(model, prompts, eot_id, n, *args, slide=True):
-        on_token, out = args[5], []
-        for t in script[:n]:
-            out.append(t)
-            if on_token(torch.tensor([t]))[0]:
-                break
-        return [out]
-
-    monkeypatch.setattr("ladderlm.sampling.generate", generate)
-    for stream in ([], ["--stream"]):
-        assert main(["sample", "--ckpt", "run", "--device", "cpu", "--stop", "xé", *stream]) == 0
-        assert capsys.readouterr().out == "a\n", stream
+BYTE_BPE = ["hello world abc " * 50], 300  # é, ö and ☃ get no merges: each character is split across byte tokens
 
 
-@pytest.mark.parametrize("stop", [[], ["--stop", "☃ z"]])
-def test_a_long_stream_prints_what_a_whole_decode_does(monkeypatch, capsys, stop):
-    """--stream decodes only the tokens after the last whole character it settled: the same text."""
-    tok = BpeTokenizer.train(["hello world abc " * 50], 300)  # é, ö and ☃ stay bytes: characters split across tokens
-    script = tok.encode("héllo wörld ☃ " * 30 + "☃ z tail")
+def script_sample(monkeypatch, tok, script: list[int]) -> None:
+    """`ladderlm sample` with a stand-in checkpoint and a generate() that emits `script`, token by token."""
     model = SimpleNamespace(cfg=SimpleNamespace(block_size=64))
     monkeypatch.setattr("ladderlm.checkpoint.load", lambda *args, **kwargs: (model, None, tok))
 
@@ -181,6 +157,26 @@ def test_a_long_stream_prints_what_a_whole_decode_does(monkeypatch, capsys, stop
         return [out]
 
     monkeypatch.setattr("ladderlm.sampling.generate", generate)
+
+
+def test_stream_holds_back_a_stop_string_before_a_split_character(monkeypatch, capsys):
+    """Byte-level BPE: "x" then the first byte of "é" decode to "x\ufffd"; the stop "xé" may still
+    follow, so "x" is not printed before the next token decides it."""
+    tok = BpeTokenizer.train(*BYTE_BPE)
+    script = tok.encode("axé and on")
+    assert tok.decode(script[:3]) == "ax\ufffd"
+    assert held_back("ax\ufffd", ["xé"]) == 2
+    script_sample(monkeypatch, tok, script)
+    for stream in ([], ["--stream"]):
+        assert main(["sample", "--ckpt", "run", "--device", "cpu", "--stop", "xé", *stream]) == 0
+        assert capsys.readouterr().out == "a\n", stream
+
+
+@pytest.mark.parametrize("stop", [[], ["--stop", "☃ z"]])
+def test_a_long_stream_prints_what_a_whole_decode_does(monkeypatch, capsys, stop):
+    """--stream decodes only the tokens after the last whole character it settled: the same text."""
+    tok = BpeTokenizer.train(*BYTE_BPE)
+    script_sample(monkeypatch, tok, tok.encode("héllo wörld ☃ " * 30 + "☃ z tail"))
     outs = []
     for stream in ([], ["--stream"]):
         assert main(["sample", "--ckpt", "run", "--device", "cpu", "--max-new-tokens", "1000", *stop, *stream]) == 0
