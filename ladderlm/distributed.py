@@ -9,6 +9,7 @@ that the global batch per optimizer step is batch_size * world * grad_accum wind
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -64,6 +65,20 @@ class Dist:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def on_main(self, work: Callable[[], object]) -> None:
+        """Run `work` (files: logs, checkpoints) on rank 0 alone. If it fails every rank raises its error,
+        where the others would wait for rank 0 in their next collective until a timeout."""
+        error = None
+        if self.main:
+            try:
+                work()
+            except (LadderError, OSError) as e:
+                error = e
+        if self.world > 1:
+            error = self.gather(error)[0]
+        if error is not None:
+            raise error
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -288,11 +288,14 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         if found := run.evaluation(step):  # read by every rank before rank 0 truncates the log: all skip it alike
             evaluated, losses = step, found
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
-    if ddp.main:
+
+    def claim() -> None:
         if resume:
             run.truncate_metrics(step)
         run.out.mkdir(parents=True, exist_ok=True)
         run.claim(cfg, fresh=not resume)
+
+    ddp.on_main(claim)
     # NextLat with both weights 0 keeps psi (and a resume's optimizer state) but trains it with nothing: DDP must not wait for it.
     idle_psi = objective.psi is not None and not (cfg.nextlat.lambda_h or cfg.nextlat.lambda_kl)
     trained = ddp.wrap(torch.compile(objective) if cfg.train.compile else objective, find_unused=idle_psi)
@@ -308,7 +311,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 + "; lower train.learning_rate"
             )
         streams = ddp.gather(rng_states())  # a collective: every rank saves at the same steps
-        if ddp.main:
+
+        def save() -> None:
             trainer_state = {
                 "step": step,
                 "skipped": skipped,  # non-finite steps skipped so far, against train.skip_nonfinite
@@ -323,6 +327,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 checkpoint.save(run.ckpt, model, cfg, data.tokenizer, trainer_state, extras)
             except OSError as e:
                 raise LadderError(f"cannot write a checkpoint in {run.out} ({e.strerror or e}); the last one stays") from None
+
+        ddp.on_main(save)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -342,11 +348,13 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             bar.write(message)
 
     def log(record: dict) -> None:
-        if ddp.main:
+        def write() -> None:
             run.log(record)
             for k, v in record.items():
                 if k != "step":
                     writer.add_scalar(k, v, record["step"])
+
+        ddp.on_main(write)
 
     try:
         while True:
@@ -420,8 +428,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         bar.close()
         if writer is not None:
             writer.close()
-    if ddp.main:
-        from .plot import plot_losses
+    from .plot import plot_losses
 
-        plot_losses([run.out], run.out / "loss.png")
+    ddp.on_main(lambda: plot_losses([run.out], run.out / "loss.png"))
     return losses

@@ -16,10 +16,10 @@ COMMON = ["--set", "train.max_iters=20", "--set", "train.lr_decay_iters=20", "--
           "--set", "train.eval_interval=10", "--set", "train.checkpoint_interval=5"]  # fmt: skip
 
 
-def torchrun(argv, n=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "ladderlm", *argv]
+def torchrun(argv, n=2, program=("-m", "ladderlm"), ok=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *program, *argv]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
 
@@ -67,3 +67,34 @@ def test_a_ladder_under_two_processes_draws_noise_per_rank_and_resumes_exactly(t
     a, b = load_file(full / "ckpt" / "model.safetensors"), load_file(half / "ckpt" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(half) == losses(full)
+
+
+DISK_FULL_ON_RANK_0 = """
+import errno, os, sys
+from ladderlm import checkpoint
+from ladderlm.cli import main
+
+save, saves = checkpoint.save, []
+
+def second_save_fails(*args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save(*args, **kwargs)
+
+checkpoint.save = second_save_fails  # rank 0 alone saves
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failure_on_rank_0_stops_every_rank_with_its_line(tmp_path, data_dir):
+    """Rank 0 alone writes files: when that fails the others stop with it, not at a collective's timeout."""
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_ON_RANK_0)
+    run = tmp_path / "run"
+    result = torchrun(train_args(data_dir, run, *COMMON, "--set", "train.batch_size=4"), program=(str(script),), ok=False)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ladderlm: error:")]
+    assert len(lines) == 2, result.stderr
+    assert all("cannot write a checkpoint" in line and "No space left" in line for line in lines)
+    assert "Traceback" not in result.stderr.split("ladderlm: error:")[0]
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 5  # the first one stays
