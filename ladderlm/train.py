@@ -231,9 +231,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
 def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume: bool, progress: bool) -> dict:
     device = ddp.device
     if resume:
-        if ddp.main:
-            checkpoint.recover(run.ckpt)  # a crash inside a checkpoint write
-        ddp.barrier()
+        ddp.on_main(lambda: checkpoint.recover(run.ckpt))  # a crash inside a checkpoint write; the others wait for it
         state = checkpoint.load_trainer_state(run.ckpt)
         trained_on = (state["data_sha256"], state["tokenizer"], cfg.model.vocab_size)
         if trained_on != (data.meta["sha256"], data.tokenizer.kind, data.meta["vocab_size"]):
