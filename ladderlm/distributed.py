@@ -8,6 +8,7 @@ that the global batch per optimizer step is batch_size * world * grad_accum wind
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -97,6 +98,9 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            # The DDP wrapper keeps the group alive from reference cycles; left to the interpreter's exit, gloo's
+            # threads die after Python does and abort the process ("terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()
 
 
