@@ -80,7 +80,7 @@ def train_tokens_per_s(models: dict[str, tuple[LadderLM, int]], cfg: Config, rep
             for _ in range(steps):
                 loss = model.loss(x, x, passes=passes)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))  # 0: no clipping, as in training
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 

@@ -178,6 +178,8 @@ def plot_free_vs_teacher_forced(run_dirs: list[Path], out: Path) -> None:
 def plot_losses(run_dirs: list[Path], out: Path) -> None:
     """Training loss (thin) and validation loss (markers) per run against steps."""
     runs = [(name, read_metrics(d)) for name, d in zip(_names(run_dirs), run_dirs)]  # read all before drawing
+    if not any("loss" in r or "val_loss" in r for _, records in runs for r in records):
+        raise LadderError(f"no losses logged yet in {', '.join(map(str, run_dirs))}: nothing to plot")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, records in runs:

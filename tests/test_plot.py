@@ -69,6 +69,12 @@ def test_bad_metrics_line(tmp_path, capsys, line, match):
     run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match=f"metrics.jsonl {match}")
 
 
+@pytest.mark.parametrize("text", [b"", b'{"step": 0, "lr": 0.001}\n'])
+def test_a_run_without_losses_yet_has_nothing_to_plot(tmp_path, capsys, text):
+    run = make_run(tmp_path, text)
+    run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match="no losses logged yet")
+
+
 def test_bad_last_record_is_not_torn(tmp_path, capsys):
     """A last line that parses was written whole: a bad record there is an error, not skipped."""
     run = make_run(tmp_path, b'{"step": 10, "loss": 4.0}\n{"loss": 3.0}\n')
