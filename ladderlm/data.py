@@ -79,7 +79,10 @@ def read_source(source: str) -> list[str]:
 def check_new_dir(out: Path) -> None:
     """Refuse an --out that is anything but absent or an empty directory: nothing is ever written over."""
     if out.is_dir():
-        if any(out.iterdir()):
+        if entries := sorted(p.name for p in out.iterdir()):
+            if all(name.startswith(".prepare.tmp-") for name in entries):  # what a killed prepare leaves behind
+                left = ", ".join(entries)
+                raise LadderError(f"--out {out} holds {left}, left by an interrupted prepare; delete it or choose another")
             raise LadderError(f"--out {out} is not empty; choose a new or empty directory")
     elif out.exists() or out.is_symlink():
         raise LadderError(f"--out {out} is a file, not a directory")

@@ -157,6 +157,9 @@ def test_prepare_never_overwrites(tmp_path, corpus_file):
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     with pytest.raises(LadderError, match="not a directory"):
         prepare(str(corpus_file), "char", tmp_path / "other.txt")
+    (tmp_path / "killed" / ".prepare.tmp-123").mkdir(parents=True)  # what a kill -9 inside an empty --out leaves
+    with pytest.raises(LadderError, match="holds .prepare.tmp-123, left by an interrupted prepare"):
+        prepare(str(corpus_file), "char", tmp_path / "killed")
     (tmp_path / "empty").mkdir()
     assert prepare(str(tmp_path / "other.txt"), "char", tmp_path / "empty")["documents"] == 1
 
