@@ -227,7 +227,7 @@ class LadderLM(nn.Module):
         passes, n_graph = self.pass_counts(passes)
         blank = self.cfg.first_pass == "blank" and self.n_step > 1  # one rung holds only known tokens: nothing to blank
 
-        def one_pass(y: Tensor, k: int, draws: Tensor | None = None) -> Tensor:  # the first one reads x itself unless blank
+        def one_pass(y: Tensor, k: int, draws: Tensor | None) -> Tensor:  # the first one reads x itself unless blank
             return (
                 self.rollout(x, y, 1, known, generator, draws)[-1]
                 if blank or k
@@ -235,8 +235,9 @@ class LadderLM(nn.Module):
             )
 
         def fill_draws(k: int) -> Tensor | None:
-            """The Gaussians (B, L, S-1, E) pass k's renoised fills would draw, the same numbers in the same
-            order, drawn before the pass: checkpoint replays the global RNG in the backward, not a generator."""
+            """The Gaussians (B, L, S-1, E) of pass k's renoised fills, the numbers the pass would draw itself,
+            drawn before it: a recomputed pass then reads them again (checkpoint replays the global RNG, not
+            a generator)."""
             if self.cfg.sample_fill != "renoise" or not (blank or k):  # raw fills draw nothing
                 return None
             B, L, S, E = x.shape
@@ -248,7 +249,8 @@ class LadderLM(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= passes - n_graph):
                 # the last pass keeps its activations: the backward starts there and would rerun it at once
                 recompute = self.cfg.recompute_passes and torch.is_grad_enabled() and k < passes - 1
-                y = checkpoint(one_pass, y, k, fill_draws(k), use_reentrant=False) if recompute else one_pass(y, k)
+                draws = fill_draws(k)
+                y = checkpoint(one_pass, y, k, draws, use_reentrant=False) if recompute else one_pass(y, k, draws)
         return y
 
     def prompt_lengths(self, idx: Tensor, generator: torch.Generator | None = None) -> Tensor:
