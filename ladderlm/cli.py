@@ -186,6 +186,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from . import checkpoint
+    from .config import json_line, write_whole
     from .data import TokenData
     from .distributed import resolve_device
     from .evaluate import evaluate, sample_quality
@@ -219,9 +220,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         result.update(quality["model"], sample_quality=quality)
     if args.save:
         path = checkpoint.resolve(args.ckpt).parent / "eval.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_whole(path, json_line(result, indent=2) + "\n")
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     else:
         for k, v in result.items():
             print(f"{k}: {v}")
@@ -229,11 +230,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
+    from .config import json_line
 
     if args.repeats < 1:
         raise LadderError("--repeats must be >= 1")
     result = run_bench(args.preset, args.set, args.repeats)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    print(json_line(result, indent=None if args.json else 2))
 
 
 def cmd_explain(args: argparse.Namespace) -> None:

@@ -325,6 +325,21 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def json_line(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259): a non-finite float, which json writes as NaN or Infinity, becomes null."""
+
+    def strict(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [strict(v) for v in x]
+        return x
+
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
+
+
 def write_whole(path: Path, text: str) -> None:
     """Replace a file's text by a temp file swapped in: a full disk or a kill leaves the old text, never a part."""
     tmp = path.with_name(path.name + ".tmp")

@@ -51,6 +51,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 break  # a kill in the middle of a write; `train` skips it too
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"{e.msg} at column {e.colno}"
             raise LadderError(f"{path} line {n} is corrupt ({why}); fix or delete that line") from None
+        if isinstance(record, dict):  # a non-finite loss is logged as null (strict JSON): a gap in the curve
+            record.update({k: math.nan for k in PLOTTED[1:] if k in record and record[k] is None})
         # "step" is in every record `train` writes; "loss" and "val_loss" only in some
         if not isinstance(record, dict) or "step" not in record or any(k in record and not _number(record[k]) for k in PLOTTED):
             raise LadderError(f"{path} line {n} is not a metrics record (an object with numbers for {', '.join(PLOTTED)})")

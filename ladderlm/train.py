@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import ARCHITECTURE_KEYS, Config, differing_keys, save_json, write_whole
+from .config import ARCHITECTURE_KEYS, Config, differing_keys, json_line, save_json, write_whole
 from .data import TokenData, check_new_dir
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
@@ -168,7 +168,7 @@ class Run:
 
     def log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
 
     def records(self) -> list[dict]:
         """The records of metrics.jsonl, less a torn line (a crash in the middle of a write)."""
@@ -191,7 +191,7 @@ class Run:
         """Drop the records written after the checkpoint a resume starts from (those past `step`), and a torn line."""
         if self.metrics.exists():
             kept = [r for r in self.records() if r.get("step", step + 1) <= step]
-            write_whole(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+            write_whole(self.metrics, "".join(json_line(r) + "\n" for r in kept))
 
     def claim(self, cfg: Config, fresh: bool) -> None:
         """Write config.json, and check that the dir takes the new files every checkpoint needs, before

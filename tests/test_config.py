@@ -2,7 +2,7 @@ from dataclasses import replace
 
 import pytest
 
-from ladderlm.config import load_config, parse_override, preset_names
+from ladderlm.config import json_line, load_config, parse_override, preset_names
 from ladderlm.errors import LadderError
 from ladderlm.model import LadderLM
 
@@ -114,3 +114,9 @@ def test_bad_config_file(tmp_path):
             load_config(path=path)
     with pytest.raises(LadderError, match="unknown preset"):
         load_config("nope")
+
+
+def test_json_line_is_strict_json():
+    """A diverged model's NaN loss is written as null, which every JSON parser reads, not as NaN."""
+    record = {"loss": float("nan"), "per_rung": [{"ce": float("inf")}, {"ce": 1.5}], "step": 3}
+    assert json_line(record) == '{"loss": null, "per_rung": [{"ce": null}, {"ce": 1.5}], "step": 3}'

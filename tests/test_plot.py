@@ -60,13 +60,22 @@ def test_torn_last_line_is_skipped(tmp_path, torn):
         (b'{"step": 30, "loss": 3.\xff}', "line 2 is corrupt (not UTF-8 text)"),
         (b'{"loss": 3.0}', "line 2 is not a metrics record"),
         (b'{"step": "30", "loss": 3.0}', "line 2 is not a metrics record"),
-        (b'{"step": 30, "loss": null}', "line 2 is not a metrics record"),
+        (b'{"step": 30, "loss": "3.0"}', "line 2 is not a metrics record"),
         (b"[30, 3.0]", "line 2 is not a metrics record"),
     ],
 )
 def test_bad_metrics_line(tmp_path, capsys, line, match):
     run = make_run(tmp_path, b'{"step": 10, "loss": 4.0}\n' + line + b'\n{"step": 20, "loss": 3.6}\n')
     run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match=f"metrics.jsonl {match}")
+
+
+def test_a_non_finite_loss_is_a_gap(tmp_path):
+    """`train` logs a non-finite loss as null (strict JSON); the curve has a gap there."""
+    run = make_run(
+        tmp_path, b'{"step": 10, "loss": 4.0}\n{"step": 20, "loss": null, "val_loss": null}\n{"step": 30, "loss": 3.6}\n'
+    )
+    assert main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("text", [b"", b'{"step": 0, "lr": 0.001}\n'])
