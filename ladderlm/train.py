@@ -103,6 +103,10 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distribute
     return {"train_loss": train_loss, "val_loss": val_loss}
 
 
+# What the in-training evaluation reads besides the weights, the model config and the number of processes.
+EVALUATION_KEYS = ("eval_iters", "batch_size", "seed", "precision", "device", "compile")
+
+
 def rng_states() -> dict:
     """Python, numpy and torch RNG states, in types a weights-only torch.load reads back."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -187,10 +191,15 @@ class Run:
         found = [r for r in self.records() if r.get("step") == step and {"train_loss", "val_loss"} <= r.keys()]
         return {k: found[-1][k] for k in ("train_loss", "val_loss")} if found else None
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop the records written after the checkpoint a resume starts from (those past `step`), and a torn line."""
+    def truncate_metrics(self, step: int, keep_evaluation: bool) -> None:
+        """Drop the records written after the checkpoint a resume starts from (those past `step`, and the
+        evaluation at `step` unless it is kept), and a torn line."""
         if self.metrics.exists():
-            kept = [r for r in self.records() if r.get("step", step + 1) <= step]
+            kept = [
+                r
+                for r in self.records()
+                if r.get("step", step + 1) < step or (r.get("step") == step and (keep_evaluation or "val_loss" not in r))
+            ]
             write_whole(self.metrics, "".join(json_line(r) + "\n" for r in kept))
 
     def claim(self, cfg: Config, fresh: bool) -> None:
@@ -283,13 +292,17 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             set_rng_states(ranks[0])
             torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
         data_gen.set_state(state["data_rng"])
-        if found := run.evaluation(step):  # read by every rank before rank 0 truncates the log: all skip it alike
+        # The evaluation logged at this step stands for the resumed run only if it would compute the same.
+        same_evaluation = len(ranks) == ddp.world and not differing_keys(saved, cfg, ("model",)) + [
+            key for key in EVALUATION_KEYS if getattr(saved.train, key) != getattr(cfg.train, key)
+        ]
+        if same_evaluation and (found := run.evaluation(step)):  # read by every rank before rank 0 truncates the log
             evaluated, losses = step, found
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
 
     def claim() -> None:
         if resume:
-            run.truncate_metrics(step)
+            run.truncate_metrics(step, keep_evaluation=evaluated == step)
         run.out.mkdir(parents=True, exist_ok=True)
         run.claim(cfg, fresh=not resume)
 

@@ -159,6 +159,18 @@ def test_resuming_a_finished_run_for_more_steps_keeps_its_last_evaluation(tmp_pa
     assert [e.step for e in events.Scalars("loss")] == [2, 4, 6, 8]
 
 
+def test_resuming_with_other_evaluation_settings_evaluates_again(tmp_path, data_dir):
+    """The final evaluation was of 2 batches a split; the resumed run asks for 3: it is replaced, not reused."""
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=4", "--set", "train.eval_interval=2",
+                           "--set", "train.eval_iters=2")) == 0  # fmt: skip
+    before = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert main(resume_args(data_dir, run, "--set", "train.eval_iters=3")) == 0
+    after = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert after[:-1] == [r for r in before if not (r["step"] == 4 and "val_loss" in r)]
+    assert after[-1]["step"] == 4 and after[-1]["val_loss"] != before[-1]["val_loss"]
+
+
 def test_resume_trains_with_a_changed_weight_decay_and_betas(tmp_path, data_dir):
     run = tmp_path / "run"
     assert main(train_args(data_dir, run, "--set", "train.max_iters=2")) == 0
