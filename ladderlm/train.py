@@ -393,7 +393,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             stop_asked = torch.tensor(float(bool(signals.received)), device=device)
             checked = ddp.mean(torch.stack([loss_sum / t.grad_accum, grad_norm, stop_asked]))
             mean_loss, grad_norm, stop = checked.tolist()  # the step's one host sync guards the weights
-            if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+            if not finite:  # the weights stay as they are; a stop asked meanwhile is still acted on below
                 optimizer.zero_grad(set_to_none=True)
                 what = ", ".join(
                     f"{name} is {v}" for name, v in (("loss", mean_loss), ("gradient norm", grad_norm)) if not math.isfinite(v)
@@ -406,16 +407,17 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                     )
                 skipped += 1
                 say(f"step {step + 1}: {what}; skipped ({skipped} of train.skip_nonfinite={t.skip_nonfinite})")
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_steps += 1
-            window_loss += mean_loss
-            window_grad_norm += grad_norm
-            window_clipped += bool(t.grad_clip) and grad_norm > t.grad_clip
-            bar.update(1)
-            if step % t.log_interval == 0 or step == t.max_iters:
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                window_loss += mean_loss
+                window_grad_norm += grad_norm
+                window_clipped += bool(t.grad_clip) and grad_norm > t.grad_clip
+                bar.update(1)
+            # A stop logs the steps of its unfinished window: a resume starts a new one, so every step is in one record.
+            if window_steps and (step % t.log_interval == 0 or step == t.max_iters or stop):
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
@@ -429,7 +431,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
                 window_grad_norm, window_clipped = 0.0, 0
-            if step % t.checkpoint_interval == 0 or step == t.max_iters or stop:
+            if stop or (finite and (step % t.checkpoint_interval == 0 or step == t.max_iters)):
                 save_checkpoint()
             if stop:
                 name = signal.Signals(signals.received[0]).name if signals.received else "a signal on another rank"

@@ -126,6 +126,34 @@ def test_a_skipped_step_is_not_evaluated_twice_and_a_resume_keeps_the_skip_count
     assert "step 5: loss is nan, gradient norm is nan; training stopped" in capsys.readouterr().err
 
 
+def test_a_signal_during_skipped_steps_stops_there_and_logs_the_unfinished_window(tmp_path, data_dir, capsys, monkeypatch):
+    """From the third step on every loss is NaN and SIGTERM arrives: with 100 skips allowed, the run
+    stops at step 2 (it went on skipping until the skips ran out), logging steps 1-2 off log_interval."""
+    forward = train.Objective.forward
+    calls = []
+
+    def nan_and_a_signal_from_the_third_call(self, *args):
+        loss = forward(self, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(train.Objective, "forward", nan_and_a_signal_from_the_third_call)
+    run = tmp_path / "run"
+    common = ["--set", "train.log_interval=10", "--set", "train.eval_interval=1000"]
+    argv = train_args(data_dir, run, "--set", "train.max_iters=50", "--set", "train.skip_nonfinite=100", *common)
+    assert main(argv) == 130
+    captured = capsys.readouterr()
+    assert captured.err.startswith("ladderlm: SIGTERM: stopped at step 2;") and captured.out.count("skipped") == 1
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 2
+    monkeypatch.setattr(train.Objective, "forward", forward)
+    resume = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=12"]
+    assert main([*resume, *common]) == 0
+    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged == [2, 10, 12]
+
+
 def test_a_crash_between_the_checkpoint_renames_is_recovered(tmp_path, run_dir, data_dir):
     run = tmp_path / "run"
     (run / "ckpt.tmp").mkdir(parents=True)  # half-written next checkpoint
