@@ -92,7 +92,8 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distribute
     means = []
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(cfg.train.seed + 1)
-        noise = torch.Generator(device=device).manual_seed(cfg.train.seed + 2)  # leaves the training RNG alone
+        # Its own stream (leaves the training RNG alone), each rank's different, as its rows are.
+        noise = torch.Generator(device=device).manual_seed(rank_seed(cfg.train.seed + 2, ddp.rank))
         losses = []
         for _ in range(cfg.train.eval_iters):
             x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g, shard=(ddp.rank, ddp.world))

@@ -180,6 +180,28 @@ def test_resume_trains_with_a_changed_weight_decay_and_betas(tmp_path, data_dir)
     assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.0, (0.5, 0.99))] * 2
 
 
+def test_each_rank_evaluates_with_its_own_noise(run_dir, data_dir, monkeypatch):
+    """Ranks score different rows; their ladders' noise must differ too (it was one stream, alike on every rank)."""
+    import torch
+
+    from ladderlm.data import TokenData
+    from ladderlm.distributed import Dist
+
+    model, cfg, _ = checkpoint.load(run_dir)
+    first_draws = []
+
+    def record_first_draw(x, y, noise):
+        first_draws.append(torch.randn(4, generator=noise))
+        return torch.zeros(())
+
+    monkeypatch.setattr(model, "loss", record_first_draw)
+    monkeypatch.setattr(Dist, "mean", lambda self, t: t)  # no process group here: each rank alone
+    for rank in (0, 1):
+        train.estimate_loss(model, TokenData.open(data_dir), cfg, Dist(rank, 2, torch.device("cpu")))
+    per_rank = first_draws[: cfg.train.eval_iters * 2], first_draws[cfg.train.eval_iters * 2 :]
+    assert not torch.equal(per_rank[0][0], per_rank[1][0])
+
+
 def test_nextlat_with_both_weights_zero_trains_under_ddp(tmp_path, data_dir):
     """psi is made but nothing trains it: DDP must not wait for its gradients (it raised at the second step)."""
     from .test_distributed import torchrun
