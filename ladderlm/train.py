@@ -294,9 +294,9 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
         data_gen.set_state(state["data_rng"])
         # The evaluation logged at this step stands for the resumed run only if it would compute the same.
-        same_evaluation = len(ranks) == ddp.world and not differing_keys(saved, cfg, ("model",)) + [
-            key for key in EVALUATION_KEYS if getattr(saved.train, key) != getattr(cfg.train, key)
-        ]
+        changed_for_eval = differing_keys(saved, cfg, ("model",))
+        changed_for_eval += [key for key in EVALUATION_KEYS if getattr(saved.train, key) != getattr(cfg.train, key)]
+        same_evaluation = len(ranks) == ddp.world and not changed_for_eval
         if same_evaluation and (found := run.evaluation(step)):  # read by every rank before rank 0 truncates the log
             evaluated, losses = step, found
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
