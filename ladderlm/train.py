@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from .config import ARCHITECTURE_KEYS, Config, differing_keys, json_line, save_j
 from .data import TokenData, check_new_dir
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
+from .plot import plot_losses, read_metrics
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -104,8 +104,43 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distribute
     return {"train_loss": train_loss, "val_loss": val_loss}
 
 
-# What the in-training evaluation reads besides the weights, the model config and the number of processes.
-EVALUATION_KEYS = ("eval_iters", "batch_size", "seed", "precision", "device", "compile")
+@dataclass
+class Window:
+    """The steps since the last metrics record: sums over them, and their time (less evaluations)."""
+
+    steps: int = 0
+    loss: float = 0.0
+    grad_norm: float = 0.0  # before clipping
+    clipped: int = 0  # steps train.grad_clip scaled down
+    seconds: float = 0.0  # the steps' time up to `started` (in an earlier process, for a resumed window)
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, grad_norm: float, clipped: bool) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.clipped += clipped
+
+    def means(self, tokens_per_step: int) -> dict[str, float]:
+        seconds = self.seconds + time.perf_counter() - self.started
+        n = self.steps
+        return {
+            "loss": self.loss / n,
+            "tokens_per_s": n * tokens_per_step / seconds,
+            "grad_norm": self.grad_norm / n,
+            "clipped": self.clipped / n,
+        }
+
+    def state(self) -> dict:
+        """What a checkpoint saves (plain numbers); Window(**state) continues it."""
+        return {"steps": self.steps, "loss": self.loss, "grad_norm": self.grad_norm, "clipped": self.clipped,
+                "seconds": self.seconds + time.perf_counter() - self.started}  # fmt: skip
 
 
 def rng_states() -> dict:
@@ -176,32 +211,12 @@ class Run:
             f.write(json_line(record) + "\n")
 
     def records(self) -> list[dict]:
-        """The records of metrics.jsonl, less a torn line (a crash in the middle of a write)."""
-        records = []
-        for line in self.metrics.read_text().splitlines() if self.metrics.exists() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        """The records of metrics.jsonl less a torn last line (a crash inside a write); a corrupt line
+        elsewhere is an error, as in `plot`."""
+        return read_metrics(self.out) if self.metrics.exists() else []
 
-    def evaluation(self, step: int) -> dict[str, float] | None:
-        """The losses of the evaluation logged at `step`, if it was: it comes after that step's checkpoint."""
-        found = [r for r in self.records() if r.get("step") == step and {"train_loss", "val_loss"} <= r.keys()]
-        return {k: found[-1][k] for k in ("train_loss", "val_loss")} if found else None
-
-    def truncate_metrics(self, step: int, keep_evaluation: bool) -> None:
-        """Drop the records written after the checkpoint a resume starts from (those past `step`, and the
-        evaluation at `step` unless it is kept), and a torn line."""
-        if self.metrics.exists():
-            kept = [
-                r
-                for r in self.records()
-                if r.get("step", step + 1) < step or (r.get("step") == step and (keep_evaluation or "val_loss" not in r))
-            ]
-            write_whole(self.metrics, "".join(json_line(r) + "\n" for r in kept))
+    def rewrite_metrics(self, records: list[dict]) -> None:
+        write_whole(self.metrics, "".join(json_line(r) + "\n" for r in records))
 
     def claim(self, cfg: Config, fresh: bool) -> None:
         """Write config.json, and check that the dir takes the new files every checkpoint needs, before
@@ -264,6 +279,9 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     step = skipped = 0
     losses: dict[str, float] = {}
     evaluated = -1  # the step last evaluated: a skipped step comes back to the same one
+    window = Window()
+    kept: list[dict] = []  # on resume, the records up to its checkpoint, less the evaluation at its step
+    reevaluate = -1  # the step whose evaluation a resume does again, with its own settings
     if resume:
         resumed, saved, _ = checkpoint.load(run.ckpt, device)
         changed = differing_keys(saved, cfg)
@@ -293,17 +311,15 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             set_rng_states(ranks[0])
             torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
         data_gen.set_state(state["data_rng"])
-        # The evaluation logged at this step stands for the resumed run only if it would compute the same.
-        changed_for_eval = differing_keys(saved, cfg, ("model",))
-        changed_for_eval += [key for key in EVALUATION_KEYS if getattr(saved.train, key) != getattr(cfg.train, key)]
-        same_evaluation = len(ranks) == ddp.world and not changed_for_eval
-        if same_evaluation and (found := run.evaluation(step)):  # read by every rank before rank 0 truncates the log
-            evaluated, losses = step, found
+        window = Window(**state.get("window", {}))  # checkpoints before it was saved hold none: a new window
+        records = run.records()  # read by every rank before rank 0 rewrites them: all decide alike
+        kept = [r for r in records if r["step"] < step or (r["step"] == step and "val_loss" not in r)]
+        reevaluate = step if any(r["step"] == step and "val_loss" in r for r in records) else -1
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
 
     def claim() -> None:
         if resume:
-            run.truncate_metrics(step, keep_evaluation=evaluated == step)
+            run.rewrite_metrics(kept)
         run.out.mkdir(parents=True, exist_ok=True)
         run.claim(cfg, fresh=not resume)
 
@@ -328,6 +344,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             trainer_state = {
                 "step": step,
                 "skipped": skipped,  # non-finite steps skipped so far, against train.skip_nonfinite
+                "window": window.state(),  # the steps not logged yet: a resumed run logs them as this one would
                 "optimizer": optimizer.state_dict(),
                 "rank_rng": streams,
                 "data_rng": data_gen.get_state(),
@@ -344,15 +361,18 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     from torch.utils.tensorboard import SummaryWriter
 
-    # A resume hides the events after its checkpoint; those at its step (the log, the evaluation) are kept, as in metrics.jsonl.
-    writer = SummaryWriter(str(run.out / "tb"), purge_step=step + 1 if resume else None) if ddp.main else None
+    # A resume hides the events from its step on and writes again those of metrics.jsonl it kept at that step.
+    writer = SummaryWriter(str(run.out / "tb"), purge_step=step if resume else None) if ddp.main else None
+    for record in [r for r in kept if r["step"] == step] if ddp.main else []:
+        for k, v in record.items():
+            if k != "step":
+                writer.add_scalar(k, v, step)
     t = cfg.train
     tokens_per_step = t.batch_size * ddp.world * t.grad_accum * cfg.model.block_size
     bar = tqdm(total=t.max_iters, initial=step, disable=not (progress and ddp.main), unit="it", dynamic_ncols=True)
     precision = distributed.autocast(device, t.precision)
     objective.train()
-    window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-    window_grad_norm, window_clipped = 0.0, 0
+    window.restart_clock()
     signals = StopSignals()
 
     def say(message: str) -> None:
@@ -370,12 +390,12 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     try:
         while True:
-            if (step % t.eval_interval == 0 or step == t.max_iters) and step != evaluated:
+            if (step % t.eval_interval == 0 or step == t.max_iters or step == reevaluate) and step != evaluated:
                 evaluated, eval_start = step, time.perf_counter()
                 losses = estimate_loss(model, data, cfg, ddp)  # every rank scores its rows; all get the mean
                 log({"step": step, **losses})
                 say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
-                window_start += time.perf_counter() - eval_start  # tokens/s of the window's steps, not of this eval
+                window.started += time.perf_counter() - eval_start  # tokens/s of the window's steps, not of this eval
             if step >= t.max_iters:
                 break
             lr = learning_rate(step, cfg)
@@ -412,26 +432,13 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                window_steps += 1
-                window_loss += mean_loss
-                window_grad_norm += grad_norm
-                window_clipped += bool(t.grad_clip) and grad_norm > t.grad_clip
+                window.add(mean_loss, grad_norm, clipped=bool(t.grad_clip) and grad_norm > t.grad_clip)
                 bar.update(1)
-            # A stop logs the steps of its unfinished window: a resume starts a new one, so every step is in one record.
-            if window_steps and (step % t.log_interval == 0 or step == t.max_iters or stop):
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "loss": window_loss / window_steps,
-                    "lr": lr,
-                    "tokens_per_s": window_steps * tokens_per_step / elapsed,
-                    "grad_norm": window_grad_norm / window_steps,  # before clipping
-                    "clipped": window_clipped / window_steps,  # fraction of steps train.grad_clip scaled down
-                }
-                log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-                window_grad_norm, window_clipped = 0.0, 0
+                if step % t.log_interval == 0 or step == t.max_iters:
+                    record = {"step": step, **window.means(tokens_per_step), "lr": lr}
+                    log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    window = Window()
             if stop or (finite and (step % t.checkpoint_interval == 0 or step == t.max_iters)):
                 save_checkpoint()
             if stop:
@@ -442,7 +449,5 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         bar.close()
         if writer is not None:
             writer.close()
-    from .plot import plot_losses
-
     ddp.on_main(lambda: plot_losses([run.out], run.out / "loss.png"))
     return losses

@@ -18,6 +18,7 @@ from ladderlm import checkpoint, train
 from ladderlm.cli import main
 
 from .conftest import train_args
+from .test_cli import run_bad
 
 
 def spawn(argv):
@@ -40,6 +41,10 @@ def wait_for_step(proc, run, step, timeout=60.0):
     raise AssertionError("training did not get there in time")
 
 
+def metrics(run) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in (run / "metrics.jsonl").open()]
+
+
 def weights(run):
     return load_file(run / "ckpt" / "model.safetensors")
 
@@ -57,6 +62,10 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
     assert main(argv) == 0
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "crashed")
     assert full.keys() == resumed.keys() and all((full[k] == resumed[k]).all() for k in full)
+    # The same records too, timings aside: checkpoints every 7 steps, records every 2, so the resumed run
+    # continues a window the crashed one began (its steps were in no record before).
+    records = [metrics(tmp_path / name) for name in ("full", "crashed")]
+    assert records[0] == records[1] and len(records[0]) == 150 + 2
     assert not (tmp_path / "crashed" / "ckpt.tmp").exists() and not (tmp_path / "crashed" / "ckpt.old").exists()
 
 
@@ -126,9 +135,9 @@ def test_a_skipped_step_is_not_evaluated_twice_and_a_resume_keeps_the_skip_count
     assert "step 5: loss is nan, gradient norm is nan; training stopped" in capsys.readouterr().err
 
 
-def test_a_signal_during_skipped_steps_stops_there_and_logs_the_unfinished_window(tmp_path, data_dir, capsys, monkeypatch):
+def test_a_signal_during_skipped_steps_stops_there(tmp_path, data_dir, capsys, monkeypatch):
     """From the third step on every loss is NaN and SIGTERM arrives: with 100 skips allowed, the run
-    stops at step 2 (it went on skipping until the skips ran out), logging steps 1-2 off log_interval."""
+    stops at step 2 (it went on skipping until the skips ran out); steps 1-2 are logged after the resume."""
     forward = train.Objective.forward
     calls = []
 
@@ -150,8 +159,26 @@ def test_a_signal_during_skipped_steps_stops_there_and_logs_the_unfinished_windo
     monkeypatch.setattr(train.Objective, "forward", forward)
     resume = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=12"]
     assert main([*resume, *common]) == 0
-    logged = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert logged == [2, 10, 12]
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in logged] == [10, 12]
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        (b'{"step": "4", "loss": 3.0}', "line 2 is not a metrics record"),
+        (b'{"step": 4, "loss": 3.\xff}', "line 2 is corrupt (not UTF-8 text)"),
+        (b'{"step": 4, "loss": 3.0', "line 2 is corrupt"),
+    ],
+)
+def test_a_resume_stops_at_a_corrupt_metrics_line_and_keeps_it(tmp_path, run_dir, data_dir, capsys, line, match):
+    """Only a torn last line is what a crash leaves; a bad line before it is refused, not silently dropped."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    text = b'{"step": 2, "loss": 4.0}\n' + line + b'\n{"step": 6, "loss": 3.6}\n'
+    (run / "metrics.jsonl").write_bytes(text)
+    run_bad(capsys, ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress"], tmp_path, match=match)
+    assert (run / "metrics.jsonl").read_bytes() == text
 
 
 def test_a_crash_between_the_checkpoint_renames_is_recovered(tmp_path, run_dir, data_dir):
