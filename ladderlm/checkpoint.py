@@ -66,14 +66,20 @@ def save(
     recover(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    for name, module in (extras or {}).items():  # trained beside the model, e.g. NextLat's psi
-        save_model(module, str(tmp / f"{name}.safetensors"))
-    save_json(cfg, tmp / "config.json")
-    tokenizer.save(tmp / "tokenizer.json")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    for f in [*tmp.iterdir(), tmp]:
-        _fsync(f)
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        for name, module in (extras or {}).items():  # trained beside the model, e.g. NextLat's psi
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        save_json(cfg, tmp / "config.json")
+        tokenizer.save(tmp / "tokenizer.json")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        for f in [*tmp.iterdir(), tmp]:
+            _fsync(f)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: safetensors and torch.save raise their own types
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back
+        if isinstance(e, OSError):
+            raise
+        raise OSError(f"writing {tmp}: {str(e).splitlines()[0]}") from None
     had_previous = path.exists()
     if had_previous:
         path.rename(old)

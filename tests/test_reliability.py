@@ -181,6 +181,35 @@ def test_a_resume_stops_at_a_corrupt_metrics_line_and_keeps_it(tmp_path, run_dir
     assert (run / "metrics.jsonl").read_bytes() == text
 
 
+@pytest.mark.parametrize("writer", ["save_model", "torch"])
+def test_a_full_disk_inside_a_checkpoint_write_is_one_line_and_keeps_the_last_one(
+    tmp_path, data_dir, capsys, monkeypatch, writer
+):
+    """safetensors and torch.save report a full disk as their own errors (seen on a 600k tmpfs), not OSError."""
+    from safetensors import SafetensorError
+
+    calls = []
+    real = checkpoint.save_model if writer == "save_model" else checkpoint.torch.save
+
+    def full_at_the_second_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            if writer == "save_model":
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100352 vs 100244")
+        return real(*args, **kwargs)
+
+    if writer == "save_model":
+        monkeypatch.setattr(checkpoint, "save_model", full_at_the_second_checkpoint)
+    else:
+        monkeypatch.setattr(checkpoint.torch, "save", full_at_the_second_checkpoint)
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=4", "--set", "train.checkpoint_interval=2")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write a checkpoint" in err and "the last one stays" in err, err
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 2 and not (run / "ckpt.tmp").exists()
+
+
 def test_a_crash_between_the_checkpoint_renames_is_recovered(tmp_path, run_dir, data_dir):
     run = tmp_path / "run"
     (run / "ckpt.tmp").mkdir(parents=True)  # half-written next checkpoint
