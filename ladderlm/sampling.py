@@ -173,6 +173,7 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop_sorted = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p: none past it
+        drop_sorted[..., 0] = False  # the best always stays, even for a top_p that rounds to 0 in float32
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
 

@@ -128,7 +128,7 @@ def test_temperatures_below_float32_are_greedy():
 
 def test_nucleus_is_the_smallest_prefix_reaching_top_p():
     uniform = torch.zeros(1, 4)  # four tokens of exactly 0.25 each
-    for top_p, kept in ((0.25, 1), (0.5, 2), (0.75, 3), (0.8, 4)):
+    for top_p, kept in ((0.25, 1), (0.5, 2), (0.75, 3), (0.8, 4), (1e-46, 1)):  # 1e-46: 0 in float32, still the best
         assert (filter_logits(uniform, top_p=top_p) > float("-inf")).sum().item() == kept, top_p
 
 
