@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if sys.stdout is None:  # started with stdout closed: print() would drop the results silently
             raise LadderError("standard output is closed")
+        for stream in (sys.stdout, sys.stderr):  # text the terminal's encoding lacks is shown as "?", not a traceback
+            if isinstance(stream, io.TextIOWrapper):
+                stream.reconfigure(errors="replace")
         args.func(args)
         sys.stdout.flush()  # here, where a broken pipe is caught, not at exit
     except LadderError as e:

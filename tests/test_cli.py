@@ -175,3 +175,11 @@ def test_a_reader_that_left_ends_the_command_quietly():
 def test_a_closed_stdout_is_an_error_not_silence():
     result = ladderlm_process(["explain"], preexec_fn=lambda: os.close(1))
     assert (result.returncode, result.stderr) == (1, "ladderlm: error: standard output is closed\n")
+
+
+def test_text_the_output_encoding_lacks_is_shown_as_question_marks():
+    """An ASCII terminal and a prompt with an accent: a "?" where the "é" would go, not a UnicodeEncodeError."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    argv = [sys.executable, "-m", "ladderlm", "explain", "--n-step", "2", "--prompt", "é"]
+    proc = subprocess.run(argv, capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr and b"?" in proc.stdout
