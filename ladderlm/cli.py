@@ -220,7 +220,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         quality = sample_quality(model, scorer, data, args.samples, args.sample_length, args.seed)
         result.update(quality["model"], sample_quality=quality)
     if args.save:
-        path = checkpoint.resolve(args.ckpt).parent / "eval.json"
+        ckpt = checkpoint.resolve(args.ckpt)  # a run's ckpt/: the run dir gets it; a checkpoint dir elsewhere: that dir
+        path = (ckpt.parent if ckpt.name in ("ckpt", "ckpt.old") else ckpt) / "eval.json"
         write_whole(path, json_line(result, indent=2) + "\n")
     if args.json:
         print(json_line(result))

@@ -262,3 +262,15 @@ def test_prompts_read_in_passes_are_the_stream_across_slides(n_step):
         logits[read] = torch.stack(seen, 1)
         assert tokens.shape == (2, 20)
     assert (logits["stream"] - logits["passes"]).abs().max() < 1e-5
+
+
+def test_eval_save_writes_beside_the_checkpoint_it_read(tmp_path, run_dir, data_dir):
+    """Two checkpoints copied out of their runs into one folder: each keeps its own eval.json (both wrote models/eval.json)."""
+    for name in ("a", "b"):
+        shutil.copytree(run_dir / "ckpt", tmp_path / "models" / name)
+    for rows, name in ((2, "a"), (4, "b")):
+        assert (
+            main(["eval", "--ckpt", str(tmp_path / "models" / name), "--data", str(data_dir), "--rows", str(rows), "--save"]) == 0
+        )
+    assert [json.loads((tmp_path / "models" / n / "eval.json").read_text())["rows"] for n in "ab"] == [2, 4]
+    assert not (tmp_path / "models" / "eval.json").exists()
