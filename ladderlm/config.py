@@ -132,6 +132,8 @@ def _check_value(dotted: str, value: Any) -> Any:
             value = float(value)
         except OverflowError:
             raise LadderError(f"{dotted} is too large, got an integer of {value.bit_length()} bits") from None
+    if type(value) is int and not -(2**63) <= value < 2**63:  # sizes, counts and seeds reach torch as 64-bit integers
+        raise LadderError(f"{dotted} is too large, got an integer of {value.bit_length()} bits")
     if type(value) is not want:
         raise LadderError(f"{dotted} must be {want.__name__}, got {value!r}")
     if want is float and not math.isfinite(value):

@@ -69,7 +69,10 @@ def test_override_types():
         ("model.n_embd=4", "each rung needs at least 2 features"),  # n_step 4 in the ladder preset below
         ("model.n_layer=100000", "at most 1024"),
         ("train.learning_rate=inf", "finite"),
-        ("train.seed=9223372036854775808", "below 2\\*\\*63"),
+        ("train.seed=9223372036854775808", "below 2\\*\\*63|too large"),
+        ("train.batch_size=99999999999999999999", "too large, got an integer of 67 bits"),
+        ("model.n_embd=99999999999999999998", "too large"),
+        ("nextlat.width=" + "9" * 5000, "nextlat.width must be int"),  # past Python's 4300-digit int-from-str limit
     ],
 )
 def test_bad_overrides(override, message):
@@ -108,6 +111,7 @@ def test_bad_config_file(tmp_path):
         ("version = true\n", "version True is not supported"),
         ("[train]\nlearning_rate = 1" + "0" * 400 + "\n", "train.learning_rate is too large"),
         ("[train]\nmax_iters = 1" + "0" * 5000 + "\n", "invalid TOML"),
+        ("[train]\nbatch_size = 99999999999999999999\n", "train.batch_size is too large"),
     ):
         path.write_text(text)
         with pytest.raises(LadderError, match=message):
