@@ -364,7 +364,7 @@ def save_json(cfg: Config, path: Path, exclusive: bool = False) -> None:
 def load_json(path: Path) -> Config:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON, or an integer past 4300 digits
         raise LadderError(f"cannot read config {path}: {e}") from None
     if not isinstance(data, dict):
         raise LadderError(f"config {path} is not a JSON object")

@@ -11,7 +11,18 @@ from .errors import LadderError
 
 
 def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A JSON number matplotlib can take: a float, or an integer within a float's range."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return False
+    try:
+        float(x)
+    except OverflowError:
+        return False
+    return True
+
+
+def _infinite(x) -> bool:
+    return isinstance(x, float) and math.isinf(x)
 
 
 def _run_file(run_dir: Path, name: str) -> Path:
@@ -46,13 +57,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
     for n, line in lines:
         try:
             record = json.loads(line.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # not UTF-8, not JSON, or an integer past Python's 4300 digits
             if n == lines[-1][0]:
                 break  # a kill in the middle of a write; `train` skips it too
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"{e.msg} at column {e.colno}"
+            why = (
+                "not UTF-8 text"
+                if isinstance(e, UnicodeDecodeError)
+                else f"{e.msg} at column {e.colno}"
+                if isinstance(e, json.JSONDecodeError)
+                else str(e).split(";")[0]
+            )
             raise LadderError(f"{path} line {n} is corrupt ({why}); fix or delete that line") from None
-        if isinstance(record, dict):  # a non-finite loss is logged as null (strict JSON): a gap in the curve
-            record.update({k: math.nan for k in PLOTTED[1:] if k in record and record[k] is None})
+        if isinstance(record, dict):  # a non-finite loss (logged as null, strict JSON) is a gap in the curve
+            record.update({k: math.nan for k in PLOTTED[1:] if k in record and (record[k] is None or _infinite(record[k]))})
         # "step" is in every record `train` writes; "loss" and "val_loss" only in some
         if not isinstance(record, dict) or "step" not in record or any(k in record and not _number(record[k]) for k in PLOTTED):
             raise LadderError(f"{path} line {n} is not a metrics record (an object with numbers for {', '.join(PLOTTED)})")
@@ -66,7 +83,7 @@ def read_eval(run_dir: Path) -> dict:
         raise LadderError(f"{run_dir} has no eval.json; write it with `ladderlm eval --ckpt {run_dir} --data DATA --save`")
     try:
         result = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON, or an integer past Python's 4300 digits
         raise LadderError(f"{path} is corrupt: {e}") from None
     if not isinstance(result, dict):
         raise LadderError(f"{path} is not an eval result; rewrite it with `ladderlm eval --ckpt {run_dir} --data DATA --save`")

@@ -94,7 +94,12 @@ def load_tokenizer(path: Path) -> Tokenizer:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("ladderlm_tokenizer") == "char":
-            return CharTokenizer(list(data["chars"]))
+            chars = data["chars"]
+            if not (isinstance(chars, list) and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+                raise ValueError("its chars must be a list of single characters")
+            if len(set(chars)) != len(chars):
+                raise ValueError("its chars repeat a character")
+            return CharTokenizer(chars)
         from tokenizers import Tokenizer as HfTokenizer
 
         tok = BpeTokenizer(HfTokenizer.from_str(json.dumps(data)))

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,17 @@ def test_missing_and_corrupt_checkpoints(tmp_path, run_dir, data_dir, capsys):
     run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="corrupt")
     (broken / "config.json").write_text("{not json")
     run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="cannot read config")
+    (broken / "config.json").write_text('{"model": {"n_layer": 1' + "0" * 5000 + "}}")  # past Python's 4300 digits
+    run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="cannot read config")
+
+
+@pytest.mark.parametrize("chars", [[5] * 65, ["ab", "c"], ["a", "a"], "abc"])
+def test_a_corrupt_char_tokenizer_is_refused_when_read(tmp_path, run_dir, capsys, chars):
+    """Accepted at load time, it crashed later, when decoding (TypeError: expected str instance, int found)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "ckpt" / "tokenizer.json").write_text(json.dumps({"ladderlm_tokenizer": "char", "chars": chars}))
+    run_bad(capsys, ["sample", "--ckpt", str(run), "--max-new-tokens", "3"], tmp_path, match="cannot read tokenizer")
 
 
 def test_bad_set_keys(tmp_path, data_dir, capsys):

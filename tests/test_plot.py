@@ -62,6 +62,8 @@ def test_torn_last_line_is_skipped(tmp_path, torn):
         (b'{"step": "30", "loss": 3.0}', "line 2 is not a metrics record"),
         (b'{"step": 30, "loss": "3.0"}', "line 2 is not a metrics record"),
         (b"[30, 3.0]", "line 2 is not a metrics record"),
+        (b'{"step": 1' + b"0" * 400 + b', "loss": 3.0}', "line 2 is not a metrics record"),  # past a float's range
+        (b'{"step": 1' + b"0" * 5000 + b', "loss": 3.0}', "line 2 is corrupt (Exceeds the limit (4300 digits)"),
     ],
 )
 def test_bad_metrics_line(tmp_path, capsys, line, match):
@@ -69,10 +71,13 @@ def test_bad_metrics_line(tmp_path, capsys, line, match):
     run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match=f"metrics.jsonl {match}")
 
 
-def test_a_non_finite_loss_is_a_gap(tmp_path):
-    """`train` logs a non-finite loss as null (strict JSON); the curve has a gap there."""
+@pytest.mark.parametrize("bad", [b"null", b"Infinity"])
+def test_a_non_finite_loss_is_a_gap(tmp_path, bad):
+    """`train` logs a non-finite loss as null (strict JSON); the curve has a gap there. An older log's
+    Infinity beside 1e308 made matplotlib's axis fail ("arange: cannot compute length")."""
     run = make_run(
-        tmp_path, b'{"step": 10, "loss": 4.0}\n{"step": 20, "loss": null, "val_loss": null}\n{"step": 30, "loss": 3.6}\n'
+        tmp_path,
+        b'{"step": 10, "loss": 1e308}\n{"step": 20, "loss": %s, "val_loss": %s}\n{"step": 30, "loss": 3.6}\n' % (bad, bad),
     )
     assert main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -123,6 +128,8 @@ def test_bad_out_is_refused_before_any_work(tmp_path, capsys, out, match):
         ("rungs", {"per_rung": []}, "eval.json has a malformed 'per_rung'"),
         ("free-vs-tf", {"teacher_forced_loss": "1.7", "free_running_loss": 1.9}, "malformed 'teacher_forced_loss'"),
         ("free-vs-tf", {"teacher_forced_loss": 1.7, "free_running_loss": float("nan")}, "that log axes cannot show"),
+        ("free-vs-tf", {"teacher_forced_loss": 10**400, "free_running_loss": 1.9}, "malformed 'teacher_forced_loss'"),
+        ("rungs", {"per_rung": [{"rung": 10**400, "ce": 1.0}]}, "eval.json has a malformed 'per_rung'"),
     ],
 )
 def test_bad_eval(tmp_path, capsys, kind, result, match):
