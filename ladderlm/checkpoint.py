@@ -104,7 +104,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LadderError(f"{path / 'model.safetensors'} is corrupt or does not match config.json: {e}") from None
+        why = " ".join(str(e).split())  # torch lists every mismatched tensor on its own line: one line here
+        raise LadderError(f"{path / 'model.safetensors'} is corrupt or does not match config.json: {why}") from None
     if missing or unexpected:
         raise LadderError(
             f"{path / 'model.safetensors'} does not match config.json "
@@ -118,7 +119,8 @@ def load_module(path: Path, name: str, module: torch.nn.Module) -> None:
     try:
         load_model(module, str(path / f"{name}.safetensors"))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LadderError(f"{path / (name + '.safetensors')} is missing, corrupt or of another shape: {e}") from None
+        why = " ".join(str(e).split())
+        raise LadderError(f"{path / (name + '.safetensors')} is missing, corrupt or of another shape: {why}") from None
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

@@ -51,6 +51,9 @@ def test_missing_and_corrupt_checkpoints(tmp_path, run_dir, data_dir, capsys):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="corrupt")
+    (broken / "config.json").write_text((run_dir / "ckpt" / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 16'))
+    (broken / "model.safetensors").write_bytes((run_dir / "ckpt" / "model.safetensors").read_bytes())
+    run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="does not match config.json")  # one line, not one a tensor
     (broken / "config.json").write_text("{not json")
     run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="cannot read config")
     (broken / "config.json").write_text('{"model": {"n_layer": 1' + "0" * 5000 + "}}")  # past Python's 4300 digits
