@@ -127,12 +127,14 @@ class Window:
         self.grad_norm += grad_norm
         self.clipped += clipped
 
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.started
+
     def means(self, tokens_per_step: int) -> dict[str, float]:
-        seconds = self.seconds + time.perf_counter() - self.started
         n = self.steps
         return {
             "loss": self.loss / n,
-            "tokens_per_s": n * tokens_per_step / seconds,
+            "tokens_per_s": n * tokens_per_step / self.elapsed(),
             "grad_norm": self.grad_norm / n,
             "clipped": self.clipped / n,
         }
@@ -140,7 +142,7 @@ class Window:
     def state(self) -> dict:
         """What a checkpoint saves (plain numbers); Window(**state) continues it."""
         return {"steps": self.steps, "loss": self.loss, "grad_norm": self.grad_norm, "clipped": self.clipped,
-                "seconds": self.seconds + time.perf_counter() - self.started}  # fmt: skip
+                "seconds": self.elapsed()}  # fmt: skip
 
 
 def rng_states() -> dict:
@@ -363,10 +365,14 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     # A resume hides the events from its step on and writes again those of metrics.jsonl it kept at that step.
     writer = SummaryWriter(str(run.out / "tb"), purge_step=step if resume else None) if ddp.main else None
-    for record in [r for r in kept if r["step"] == step] if ddp.main else []:
+
+    def to_tensorboard(record: dict) -> None:
         for k, v in record.items():
             if k != "step":
-                writer.add_scalar(k, v, step)
+                writer.add_scalar(k, v, record["step"])
+
+    for record in [r for r in kept if r["step"] == step] if ddp.main else []:
+        to_tensorboard(record)
     t = cfg.train
     tokens_per_step = t.batch_size * ddp.world * t.grad_accum * cfg.model.block_size
     bar = tqdm(total=t.max_iters, initial=step, disable=not (progress and ddp.main), unit="it", dynamic_ncols=True)
@@ -382,9 +388,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     def log(record: dict) -> None:
         def write() -> None:
             run.log(record)
-            for k, v in record.items():
-                if k != "step":
-                    writer.add_scalar(k, v, record["step"])
+            to_tensorboard(record)
 
         ddp.on_main(write)
 
