@@ -28,6 +28,8 @@ def finish_queued_work() -> None:
     """Wait for queued GPU kernels, so that a clock read after a call times the work, not its launch."""
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
+    if torch.backends.mps.is_available():
+        torch.mps.synchronize()
 
 
 def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:

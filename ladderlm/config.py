@@ -342,12 +342,15 @@ def json_line(obj: Any, indent: int | None = None) -> str:
     return json.dumps(strict(obj), indent=indent, allow_nan=False)
 
 
-def write_whole(path: Path, text: str) -> None:
-    """Replace a file's text by a temp file swapped in: a full disk or a kill leaves the old text, never a part."""
+def write_whole(path: Path, content: str | bytes) -> None:
+    """Replace a file's content by a temp file swapped in: a full disk or a kill leaves the old content, never a
+    part. An OSError names `path` (a failed write() alone names no file)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
         tmp.replace(path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

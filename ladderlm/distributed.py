@@ -59,6 +59,14 @@ class Dist:
             t /= self.world
         return t
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank: a collective, every rank gets the same answer."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def gather(self, obj: object) -> list:
         """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process)."""
         if self.world == 1:

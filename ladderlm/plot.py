@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
 from pathlib import Path
 
+from .config import write_whole
 from .errors import LadderError
 
 
@@ -153,8 +155,10 @@ def _save(fig, ax, out: Path) -> None:
     if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format=out.suffix[1:].lower(), dpi=120)
     fig.clf()
+    write_whole(out, image.getvalue())  # a full disk leaves the old figure, not a truncated one
 
 
 def plot_rungs(run_dirs: list[Path], out: Path) -> None:

@@ -8,6 +8,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,11 @@ class Objective(nn.Module):
 
 
 @torch.no_grad()
-def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distributed.Dist) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split, drawn from a fixed seed so every eval sees the same ones.
+def estimate_loss(
+    model: LadderLM, data: TokenData, cfg: Config, ddp: distributed.Dist, stop: Callable[[], bool] = lambda: False
+) -> dict[str, float] | None:
+    """Mean loss over eval_iters batches per split, drawn from a fixed seed so every eval sees the same ones;
+    None if `stop()` (asked before each batch, a collective under DDP) turns true first.
 
     Under DDP the batches are global, as in training: each rank scores its own rows and the ranks
     average, so N processes with batch b estimate what one process with batch N * b does.
@@ -96,6 +100,9 @@ def estimate_loss(model: LadderLM, data: TokenData, cfg: Config, ddp: distribute
         noise = torch.Generator(device=device).manual_seed(rank_seed(cfg.train.seed + 2, ddp.rank))
         losses = []
         for _ in range(cfg.train.eval_iters):
+            if stop():  # a long evaluation must not outlast a scheduler's grace period
+                model.train()
+                return None
             x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g, shard=(ddp.rank, ddp.world))
             losses.append(model.loss(x.to(device), y.to(device), noise))
         means.append(torch.stack(losses).mean())
@@ -175,7 +182,9 @@ def set_rng_states(state: dict) -> None:
 
 
 class StopSignals:
-    """Turns SIGINT and SIGTERM into a request to stop after the current step; a second SIGINT aborts."""
+    """Turns SIGINT and SIGTERM into a request to stop after the current step; a second SIGINT aborts.
+
+    A second SIGTERM does not: a scheduler's and torchrun's own can both reach a worker at once."""
 
     def __init__(self):
         self.received: list[int] = []
@@ -381,6 +390,11 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     window.restart_clock()
     signals = StopSignals()
 
+    def stopped_here() -> TrainingInterrupted:
+        save_checkpoint()
+        name = signal.Signals(signals.received[0]).name if signals.received else "a signal on another rank"
+        return TrainingInterrupted(f"{name}: stopped at step {step}; checkpoint in {run.ckpt}; continue with --resume")
+
     def say(message: str) -> None:
         if ddp.main:
             bar.write(message)
@@ -396,10 +410,13 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         while True:
             if (step % t.eval_interval == 0 or step == t.max_iters or step == reevaluate) and step != evaluated:
                 evaluated, eval_start = step, time.perf_counter()
-                losses = estimate_loss(model, data, cfg, ddp)  # every rank scores its rows; all get the mean
+                # Every rank scores its rows; all get the mean, or all stop if any was asked to.
+                losses = estimate_loss(model, data, cfg, ddp, stop=lambda: ddp.any(bool(signals.received)))
+                window.started += time.perf_counter() - eval_start  # tokens/s of the window's steps, not of this eval
+                if losses is None:
+                    raise stopped_here()
                 log({"step": step, **losses})
                 say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
-                window.started += time.perf_counter() - eval_start  # tokens/s of the window's steps, not of this eval
             if step >= t.max_iters:
                 break
             lr = learning_rate(step, cfg)
@@ -443,11 +460,10 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     window = Window()
-            if stop or (finite and (step % t.checkpoint_interval == 0 or step == t.max_iters)):
-                save_checkpoint()
             if stop:
-                name = signal.Signals(signals.received[0]).name if signals.received else "a signal on another rank"
-                raise TrainingInterrupted(f"{name}: stopped at step {step}; checkpoint in {run.ckpt}; continue with --resume")
+                raise stopped_here()
+            if finite and (step % t.checkpoint_interval == 0 or step == t.max_iters):
+                save_checkpoint()
     finally:
         signals.restore()
         bar.close()

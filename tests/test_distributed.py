@@ -98,3 +98,39 @@ def test_a_failure_on_rank_0_stops_every_rank_with_its_line(tmp_path, data_dir):
     assert all("cannot write a checkpoint" in line and "No space left" in line for line in lines)
     assert "Traceback" not in result.stderr.split("ladderlm: error:")[0]
     assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 5  # the first one stays
+
+
+SIGTERM_ON_RANK_1_IN_AN_EVALUATION = """
+import os, signal, sys
+from ladderlm.cli import main
+from ladderlm.model import LadderLM
+
+loss, trained = LadderLM.loss, []
+
+def a_signal_in_the_first_evaluation_after_training(self, *args, **kwargs):
+    if self.training:
+        trained.append(1)
+    elif trained and os.environ["RANK"] == "1":
+        trained.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss(self, *args, **kwargs)
+
+LadderLM.loss = a_signal_in_the_first_evaluation_after_training
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_rank_during_an_evaluation_stops_every_rank_there(tmp_path, data_dir):
+    """Rank 1 alone is signalled, inside the evaluation at step 10: both ranks leave it at the next batch."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(SIGTERM_ON_RANK_1_IN_AN_EVALUATION)
+    run = tmp_path / "run"
+    argv = train_args(data_dir, run, *COMMON, "--set", "train.batch_size=4", "--set", "train.eval_iters=50")
+    result = torchrun(argv, program=(str(script),), ok=False)
+    lines = sorted(line for line in result.stderr.splitlines() if line.startswith("ladderlm: "))
+    assert [line.split(": stopped at step 10;")[0] for line in lines] == [
+        "ladderlm: SIGTERM",
+        "ladderlm: a signal on another rank",
+    ], result.stderr
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 10
+    assert [step for step, _ in evals(run)] == [0]

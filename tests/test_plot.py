@@ -174,3 +174,22 @@ def test_runs_of_the_same_name_get_legend_entries_apart(tmp_path, monkeypatch, k
     plot(kind, runs, tmp_path / "p.png")
     run_labels = [label for label in labels if "=" not in label]  # not free-vs-tf's diagonal
     assert len(run_labels) == len(set(run_labels)) >= 2
+
+
+def test_a_full_disk_keeps_the_old_figure_and_names_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    run, out = make_run(tmp_path), tmp_path / "fig.png"
+    out.write_bytes(b"the old figure")
+    write_bytes = Path.write_bytes
+
+    def disk_full(self, data):
+        self.open("w").close()  # a full disk: the file opened, so emptied, and the write refused, naming no file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    assert main(["plot", str(run), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"ladderlm: error: No space left on device: {out}\n"
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    assert out.read_bytes() == b"the old figure" and sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "run"]

@@ -163,6 +163,36 @@ def test_a_signal_during_skipped_steps_stops_there(tmp_path, data_dir, capsys, m
     assert [r["step"] for r in logged] == [10, 12]
 
 
+def test_a_signal_during_an_evaluation_stops_it_and_the_resume_evaluates_again(tmp_path, data_dir, capsys, monkeypatch):
+    """SIGTERM inside the first batch of the evaluation at step 4 (of 50 batches): no further batch is scored,
+    the checkpoint is at step 4, and the resumed run's records and weights are the uninterrupted run's."""
+    from ladderlm.model import LadderLM
+
+    loss, calls = LadderLM.loss, []
+
+    def a_signal_in_the_first_batch_of_the_second_evaluation(self, *args, **kwargs):
+        if not self.training:
+            calls.append(1)
+            if len(calls) == 2 * 50 + 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *args, **kwargs)
+
+    common = ["--set", "train.max_iters=6", "--set", "train.eval_interval=4", "--set", "train.eval_iters=50",
+              "--set", "train.log_interval=2"]  # fmt: skip
+    assert main(train_args(data_dir, tmp_path / "full", *common)) == 0
+    monkeypatch.setattr(LadderLM, "loss", a_signal_in_the_first_batch_of_the_second_evaluation)
+    run = tmp_path / "run"
+    assert main(train_args(data_dir, run, *common)) == 130
+    assert capsys.readouterr().err.startswith("ladderlm: SIGTERM: stopped at step 4;") and len(calls) == 2 * 50 + 1
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 4
+    assert [r["step"] for r in metrics(run) if "val_loss" in r] == [0]
+    monkeypatch.setattr(LadderLM, "loss", loss)
+    assert main(["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", *common]) == 0
+    assert metrics(run) == metrics(tmp_path / "full")
+    full, resumed = weights(tmp_path / "full"), weights(run)
+    assert all((full[k] == resumed[k]).all() for k in full)
+
+
 @pytest.mark.parametrize(
     "line, match",
     [
@@ -278,18 +308,22 @@ def test_a_full_disk_at_resume_leaves_the_run_files_whole(tmp_path, run_dir, dat
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = (run / name).read_bytes()
-    write_text = Path.write_text
+    write_bytes = Path.write_bytes
 
     def disk_full(self, *args, **kwargs):
         if self.name.startswith(name):
             self.open("w").close()  # what a full disk leaves: the file opened, so emptied, and the write refused
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return write_text(self, *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: naming no file
+        return write_bytes(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
     argv = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=22"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("ladderlm: error:") and "No space left on device" in err
+    expected = {
+        "metrics.jsonl": f"ladderlm: error: No space left on device: {run / name}\n",
+        "config.json": f"ladderlm: error: cannot write in {run} (No space left on device); choose a writable --out\n",
+    }
+    assert err == expected[name]
     assert (run / name).read_bytes() == before
     assert not (run / f"{name}.tmp").exists()

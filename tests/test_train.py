@@ -130,9 +130,9 @@ def test_tokens_per_s_counts_the_steps_time_not_an_evaluation_inside_the_window(
         clock[0] += 1.0
         return forward(self, *args)
 
-    def an_eval_takes_100_seconds(*args):
+    def an_eval_takes_100_seconds(*args, **kwargs):
         clock[0] += 100.0
-        return estimate(*args)
+        return estimate(*args, **kwargs)
 
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(train.Objective, "forward", a_step_takes_a_second)
