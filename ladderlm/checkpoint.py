@@ -111,6 +111,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", overrides: list[s
             f"{path / 'model.safetensors'} does not match config.json "
             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
         )
+    # Training never saves non-finite weights; damage that makes some would fail deep inside sampling.
+    if damaged := [name for name, p in model.named_parameters() if not p.isfinite().all()]:
+        raise LadderError(f"{path / 'model.safetensors'} is corrupt: {damaged[0]} holds non-finite weights")
     return model.to(device).eval(), cfg, tokenizer
 
 
@@ -124,7 +127,24 @@ def load_module(path: Path, name: str, module: torch.nn.Module) -> None:
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer.pt, its counts and names checked (a resume acts on them before anything else fails)."""
     try:
-        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on a damaged file
         raise LadderError(f"{path / 'trainer.pt'} is missing or corrupt: {e}") from None
+    if not _trainer_state_ok(state):
+        raise LadderError(f"{path / 'trainer.pt'} is corrupt: not the trainer state ladderlm saves")
+    return state
+
+
+def _trainer_state_ok(state: Any) -> bool:
+    if not isinstance(state, dict):
+        return False
+    window = state.get("window", {})  # older checkpoints hold no window, nor a skipped count
+    return (
+        all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", *(("skipped",) if "skipped" in state else ())))
+        and all(isinstance(state.get(k), str) for k in ("data_sha256", "tokenizer"))
+        and isinstance(state.get("optimizer"), dict)
+        and isinstance(window, dict)
+        and all(type(v) in (int, float) for v in window.values())
+    )

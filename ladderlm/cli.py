@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise LadderError("--resume continues the run's own config; use --set to change keys")
         run = Run(Path(args.out))
         if not (run.ckpt.is_dir() or run.ckpt.with_name("ckpt.old").is_dir()):  # .old: a crash inside a checkpoint write
-            if run.metrics.exists():
+            if run.began():
                 raise LadderError(f"nothing to resume: {run.out} stopped before its first checkpoint; remove it and start again")
             raise LadderError(f"nothing to resume: {run.ckpt} does not exist")
         _, cfg, _ = checkpoint.load(args.out)
@@ -340,7 +340,7 @@ def build_parser() -> ArgumentParser:
 
 
 OUT_OF_MEMORY_HINTS = {
-    "train": "a smaller train.batch_size (train.grad_accum keeps the batch), or for a ladder model.recompute_passes=true",
+    "train": "a smaller train.batch_size (train.grad_accum keeps the batch) or model; for a ladder model.recompute_passes=true",
     "sample": "fewer --prompt x --num-samples rows or a smaller --max-new-tokens",
     "eval": "a smaller --batch-size, --rows or --samples",
     "bench": "a smaller preset",

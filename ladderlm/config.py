@@ -156,6 +156,12 @@ def differing_keys(a: Config, b: Config, sections: tuple[str, ...] = ("model", "
     return [f"{s}.{k}" for s in sections for k, v in vars(getattr(b, s)).items() if getattr(getattr(a, s), k) != v]
 
 
+def get_key(cfg: Config, dotted: str) -> Any:
+    """The value of `section.key`."""
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
 def _unknown_key(dotted: str) -> LadderError:
     return LadderError(f"unknown config key {dotted!r}; valid keys: {', '.join(settable_keys())}")
 

@@ -84,12 +84,16 @@ def check_new_dir(out: Path) -> None:
                 left = ", ".join(entries)
                 raise LadderError(f"--out {out} holds {left}, left by an interrupted prepare; delete it or choose another")
             raise LadderError(f"--out {out} is not empty; choose a new or empty directory")
-    elif out.exists() or out.is_symlink():
+    elif out.exists():
         raise LadderError(f"--out {out} is a file, not a directory")
+    elif out.is_symlink():
+        raise LadderError(f"--out {out} is a symlink to nothing; remove it or choose another --out")
 
 
 def check_out(source: str, out: Path) -> None:
     """Refuse an --out that holds anything (never overwrite), or that a directory --source would read back."""
+    if not source:
+        raise LadderError("--source is empty; give stdlib, shakespeare, a text file or a directory of them")
     check_new_dir(out)
     src = Path(source)
     if source not in ("stdlib", "shakespeare") and src.is_dir() and out.resolve().is_relative_to(src.resolve()):
@@ -177,14 +181,20 @@ class TokenData:
     @classmethod
     def open(cls, path: str | Path) -> TokenData:
         path = Path(path)
+        if not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise LadderError(f"data dir {path} {what}; create one with `ladderlm prepare`")
         missing = [f for f in DATA_FILES if not (path / f).is_file()]
         if missing:
             raise LadderError(f"data dir {path} lacks {', '.join(missing)}; create it with `ladderlm prepare`")
         try:
             meta = json.loads((path / "meta.json").read_text())
             vocab_size = meta["vocab_size"]  # training builds the model from it: "66" or 66.0 would crash there
-            if not (type(vocab_size) is int and isinstance(meta["sha256"], str) and type(meta["val_chars"]) is int):
-                raise TypeError("vocab_size and val_chars must be integers and sha256 a string")
+            counts = [meta[k] for k in ("val_chars", "train_tokens", "val_tokens")]  # prepare writes each >= 1
+            if not (type(vocab_size) is int and isinstance(meta["sha256"], str) and all(type(n) is int for n in counts)):
+                raise TypeError("vocab_size, val_chars and the token counts must be integers and sha256 a string")
+            if min(counts) < 1:
+                raise ValueError("val_chars and the token counts must be at least 1")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise LadderError(f"data dir {path} has a corrupt meta.json ({e})") from None
         tokenizer = load_tokenizer(path / "tokenizer.json")
@@ -198,6 +208,8 @@ class TokenData:
                 raise LadderError(f"{f} is corrupt: odd number of bytes for uint16 tokens")
             if not size:  # prepare never writes an empty split
                 raise LadderError(f"{f} holds no tokens; prepare a larger corpus")
+            if size // 2 != meta[f"{split}_tokens"]:  # eval's bits per char rest on val_chars of the whole split
+                raise LadderError(f"{f} is corrupt: {size // 2} tokens where meta.json says {meta[f'{split}_tokens']}")
             ids = np.memmap(f, dtype=np.uint16, mode="r")
             top = int(ids.max())  # one pass; an id past the vocabulary would crash training deep inside torch
             if top >= vocab_size:

@@ -130,7 +130,8 @@ def check_out(out: Path) -> Path:
     if out.is_dir():
         raise LadderError(f"--out {out} is a directory; give a file such as {out / 'loss.png'}")
     if not out.parent.is_dir():
-        raise LadderError(f"--out {out}: directory {out.parent} does not exist")
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise LadderError(f"--out {out}: {out.parent} {what}")
     formats = FigureCanvasBase.get_supported_filetypes()
     ext = out.suffix[1:].lower()
     if ext not in formats:
@@ -154,10 +155,17 @@ def _save(fig, ax, out: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    import numpy as np
+
     image = io.BytesIO()
-    fig.savefig(image, format=out.suffix[1:].lower(), dpi=120)
-    fig.clf()
+    try:
+        with np.errstate(all="ignore"):  # values near float64's limits: matplotlib's overflows are its own
+            fig.tight_layout()
+            fig.savefig(image, format=out.suffix[1:].lower(), dpi=120)
+    except (ValueError, OverflowError) as e:
+        raise LadderError(f"cannot draw {out}: values too near float64's limits for an axis ({e})") from None
+    finally:
+        fig.clf()
     write_whole(out, image.getvalue())  # a full disk leaves the old figure, not a truncated one
 
 

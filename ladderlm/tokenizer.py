@@ -93,8 +93,10 @@ class BpeTokenizer:
 def load_tokenizer(path: Path) -> Tokenizer:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a tokenizer file (a JSON object)")
         if data.get("ladderlm_tokenizer") == "char":
-            chars = data["chars"]
+            chars = data.get("chars")
             if not (isinstance(chars, list) and all(isinstance(c, str) and len(c) == 1 for c in chars)):
                 raise ValueError("its chars must be a list of single characters")
             if len(set(chars)) != len(chars):

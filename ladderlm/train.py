@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, distributed, objectives
-from .config import ARCHITECTURE_KEYS, Config, differing_keys, json_line, save_json, write_whole
+from .config import ARCHITECTURE_KEYS, Config, differing_keys, get_key, json_line, load_json, save_json, write_whole
 from .data import TokenData, check_new_dir
 from .errors import LadderError, TrainingInterrupted
 from .model import LadderLM, RungNorm
@@ -240,11 +240,21 @@ class Run:
         except OSError as e:
             raise LadderError(f"cannot write in {self.out} ({e.strerror or e}); choose a writable --out") from None
 
+    def began(self) -> bool:
+        """Whether a run began here: its metrics, or its config.json alone (it failed before its first step)."""
+        if self.metrics.exists():
+            return True
+        try:
+            load_json(self.out / "config.json")
+        except LadderError:
+            return False
+        return True
+
     def check_fresh(self) -> None:
         """A new run needs an out dir that is absent or empty: never write over a run or a user's files."""
         if self.ckpt.exists() or self.ckpt.with_name("ckpt.old").exists():
             raise LadderError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        if self.metrics.exists():
+        if self.began():
             raise LadderError(
                 f"{self.out} holds a run that stopped before its first checkpoint; remove it or choose another --out"
             )
@@ -298,9 +308,8 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
         changed = differing_keys(saved, cfg)
         # Some of these load without error (another n_head, an SSM's block_size) yet change what the weights compute.
         if architecture := [key for key in changed if key in ARCHITECTURE_KEYS]:
-            raise LadderError(
-                f"cannot resume with another {', '.join(architecture)}: the trained weights are for the checkpoint's"
-            )
+            values = [f"{key} ({get_key(saved, key)} in the checkpoint, {get_key(cfg, key)} now)" for key in architecture]
+            raise LadderError(f"cannot resume with another {', '.join(values)}: the trained weights are for the checkpoint's")
         try:
             model.load_state_dict(resumed.state_dict())
             if objective.psi is not None:
@@ -309,20 +318,26 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             optimizer.load_state_dict(state["optimizer"])
             for group, setting in zip(optimizer.param_groups, settings, strict=True):
                 group.update(setting)  # the config's weight decay and betas, not the checkpoint's: a resume may change them
-        except (RuntimeError, ValueError, LadderError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, LadderError) as e:
             if not changed:  # the checkpoint's own files disagree
-                raise LadderError(f"{run.ckpt} is corrupt: {str(e).splitlines()[0]}") from None
+                why = f"no {e} in trainer.pt" if isinstance(e, KeyError) else str(e).splitlines()[0]
+                raise LadderError(f"{run.ckpt} is corrupt: {why}") from None
             raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
         step = state["step"]
         skipped = state.get("skipped", 0)  # checkpoints before the count was saved hold none
-        ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's, at the top)
-        if ddp.rank < len(ranks):
-            set_rng_states(ranks[ddp.rank])
-        else:  # a rank the checkpoint has no stream for: a fresh one of its own
-            set_rng_states(ranks[0])
-            torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
-        data_gen.set_state(state["data_rng"])
-        window = Window(**state.get("window", {}))  # checkpoints before it was saved hold none: a new window
+        try:
+            ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's, at the top)
+            if ddp.rank < len(ranks):
+                set_rng_states(ranks[ddp.rank])
+            else:  # a rank the checkpoint has no stream for: a fresh one of its own
+                set_rng_states(ranks[0])
+                torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
+            data_gen.set_state(state["data_rng"])
+            window = Window(**state.get("window", {}))  # checkpoints before it was saved hold none: a new window
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise LadderError(
+                f"{run.ckpt / 'trainer.pt'} is corrupt: its random streams or window cannot be restored ({e!r})"
+            ) from None
         records = run.records()  # read by every rank before rank 0 rewrites them: all decide alike
         kept = [r for r in records if r["step"] < step or (r["step"] == step and "val_loss" not in r)]
         reevaluate = step if any(r["step"] == step and "val_loss" in r for r in records) else -1

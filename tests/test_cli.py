@@ -60,6 +60,23 @@ def test_missing_and_corrupt_checkpoints(tmp_path, run_dir, data_dir, capsys):
     run_bad(capsys, ["sample", "--ckpt", str(broken)], tmp_path, match="cannot read config")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_corrupt_checkpoint(tmp_path, run_dir, data_dir, capsys, value):
+    """Training never saves them; a damaged file that holds some would fail inside torch.multinomial."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / "ckpt", broken)
+    weights = load_file(broken / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = value
+    save_file(weights, broken / "model.safetensors")
+    for argv in (["sample", "--ckpt", str(broken)], ["eval", "--ckpt", str(broken), "--data", str(data_dir)]):
+        run_bad(capsys, argv, tmp_path, match=f"model.safetensors is corrupt: {name} holds non-finite weights")
+    argv = ["eval", "--ckpt", str(run_dir), "--data", str(data_dir), "--samples", "2", "--scorer", str(broken)]
+    run_bad(capsys, argv, tmp_path, match="holds non-finite weights")
+
+
 @pytest.mark.parametrize("chars", [[5] * 65, ["ab", "c"], ["a", "a"], "abc"])
 def test_a_corrupt_char_tokenizer_is_refused_when_read(tmp_path, run_dir, capsys, chars):
     """Accepted at load time, it crashed later, when decoding (TypeError: expected str instance, int found)."""
@@ -67,6 +84,14 @@ def test_a_corrupt_char_tokenizer_is_refused_when_read(tmp_path, run_dir, capsys
     shutil.copytree(run_dir, run)
     (run / "ckpt" / "tokenizer.json").write_text(json.dumps({"ladderlm_tokenizer": "char", "chars": chars}))
     run_bad(capsys, ["sample", "--ckpt", str(run), "--max-new-tokens", "3"], tmp_path, match="cannot read tokenizer")
+
+
+@pytest.mark.parametrize("text, match", [("[]", "not a tokenizer file"), ('{"ladderlm_tokenizer": "char"}', "its chars must be")])
+def test_a_tokenizer_file_of_another_shape_says_so(tmp_path, run_dir, capsys, text, match):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "ckpt" / "tokenizer.json").write_text(text)
+    run_bad(capsys, ["sample", "--ckpt", str(run), "--max-new-tokens", "3"], tmp_path, match=match)
 
 
 def test_bad_set_keys(tmp_path, data_dir, capsys):
@@ -85,7 +110,7 @@ def test_bad_prompts(run_dir, capsys):
 def test_bad_data_dirs(tmp_path, run_dir, capsys):
     run_bad(capsys, ["eval", "--ckpt", str(run_dir), "--data", str(tmp_path)], tmp_path, match="lacks train.bin")
     argv = ["train", "--preset", "demo", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]
-    run_bad(capsys, argv, tmp_path, match="lacks train.bin")
+    run_bad(capsys, argv, tmp_path, match="nope does not exist")
 
 
 def test_other_tokenizer_is_refused(tmp_path, run_dir, capsys):
@@ -198,3 +223,20 @@ def test_text_the_output_encoding_lacks_is_shown_as_question_marks():
     argv = [sys.executable, "-m", "ladderlm", "explain", "--n-step", "2", "--prompt", "é"]
     proc = subprocess.run(argv, capture_output=True, env=env, timeout=120)
     assert proc.returncode == 0 and not proc.stderr and b"?" in proc.stdout
+
+
+def test_paths_of_the_wrong_kind_are_named_as_such(tmp_path, run_dir, data_dir, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    cases = [
+        (["prepare", "--source", "", "--out", str(tmp_path / "p")], "--source is empty"),
+        (["prepare", "--out", str(tmp_path / "dangling")], "is a symlink to nothing"),
+        (["train", "--preset", "demo", "--data", str(afile), "--out", str(tmp_path / "r")], f"{afile} is not a directory"),
+        (["train", "--preset", "demo", "--data", str(tmp_path / "no"), "--out", str(tmp_path / "r")], "no does not exist"),
+        (["plot", str(run_dir), "--out", str(afile / "loss.png")], f"{afile} is not a directory"),
+    ]
+    for argv, match in cases:
+        run_bad(capsys, argv, tmp_path, match=match)
+    resume = ["train", "--data", str(data_dir), "--out", str(run_dir), "--resume", "--set", "model.n_layer=3"]
+    run_bad(capsys, resume, run_dir, match="another model.n_layer (2 in the checkpoint, 3 now)")

@@ -229,9 +229,16 @@ def test_bad_token_files(tmp_path, data_dir, split):
     f.write_bytes(b"")
     with pytest.raises(LadderError, match=f"{split}.bin holds no tokens"):
         TokenData.open(d)
+    ids[:-2].tofile(f)  # truncated: eval would divide the loss of what is left by the whole split's characters
+    with pytest.raises(LadderError, match=f"{split}.bin is corrupt: {len(ids) - 2} tokens where meta.json says {len(ids)}"):
+        TokenData.open(d)
 
 
-@pytest.mark.parametrize("edit", [{"sha256": None}, {"val_chars": "x"}, {"vocab_size": "VOCAB"}, {"vocab_size": 1.0}])
+@pytest.mark.parametrize(
+    "edit",
+    [{"sha256": None}, {"val_chars": "x"}, {"val_chars": 0}, {"val_chars": 1e23}, {"train_tokens": None}, {"val_tokens": -5},
+     {"vocab_size": "VOCAB"}, {"vocab_size": 1.0}],
+)  # fmt: skip
 def test_meta_fields_that_training_and_eval_read_are_checked(tmp_path, data_dir, edit):
     d = tmp_path / "d"
     shutil.copytree(data_dir, d)

@@ -101,7 +101,7 @@ def test_bad_last_record_is_not_torn(tmp_path, capsys):
         ("p.xyz", "--out {out} has unsupported extension .xyz; use one of: "),
         ("p", "--out {out} has no extension; use one of: "),
         ("data", "--out {out} is a directory"),
-        ("missing/p.png", "directory {tmp}/missing does not exist"),
+        ("missing/p.png", "{tmp}/missing does not exist"),
         ("run/metrics.jsonl", "has unsupported extension .jsonl"),  # never overwrites an input
     ],
 )
@@ -193,3 +193,9 @@ def test_a_full_disk_keeps_the_old_figure_and_names_the_file(tmp_path, capsys, m
     assert capsys.readouterr().err == f"ladderlm: error: No space left on device: {out}\n"
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     assert out.read_bytes() == b"the old figure" and sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "run"]
+
+
+def test_values_near_float64s_limits_are_one_line(tmp_path, capsys):
+    """Hand-written, not logged by `train` (float32 losses end at 3.4e38): matplotlib cannot lay out the axis."""
+    run = make_run(tmp_path, b'{"step": 0, "loss": 1e308}\n{"step": 1, "loss": -1e308}\n')
+    run_bad(capsys, ["plot", str(run), "--out", str(tmp_path / "p.png")], tmp_path, match="values too near float64's limits")

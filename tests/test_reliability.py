@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from ladderlm import checkpoint, train
@@ -209,6 +210,35 @@ def test_a_resume_stops_at_a_corrupt_metrics_line_and_keeps_it(tmp_path, run_dir
     (run / "metrics.jsonl").write_bytes(text)
     run_bad(capsys, ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress"], tmp_path, match=match)
     assert (run / "metrics.jsonl").read_bytes() == text
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: {**s, "step": 1.5},
+        lambda s: {**s, "step": -5},
+        lambda s: {**s, "step": "x"},
+        lambda s: {**s, "skipped": None},
+        lambda s: {},
+        lambda s: [s],
+        lambda s: {k: v for k, v in s.items() if k != "optimizer"},
+        lambda s: {**s, "optimizer": {}},
+        lambda s: {**s, "data_rng": torch.zeros(3)},
+        lambda s: {**s, "rank_rng": []},
+        lambda s: {**s, "rank_rng": [{"bogus": 1}]},
+        lambda s: {**s, "window": {"bogus": 1}},
+        lambda s: {**s, "window": {"steps": "x"}},
+        lambda s: {**s, "window": 5},
+    ],
+)
+def test_a_well_formed_but_wrong_trainer_state_is_one_line_and_changes_nothing(tmp_path, run_dir, data_dir, capsys, damage):
+    """A trainer.pt that torch reads but that is not what ladderlm saves: refused before metrics.jsonl is rewritten."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    state = torch.load(run / "ckpt" / "trainer.pt", weights_only=True)
+    torch.save(damage(state), run / "ckpt" / "trainer.pt")
+    argv = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=30"]
+    run_bad(capsys, argv, tmp_path, match="is corrupt")
 
 
 @pytest.mark.parametrize("writer", ["save_model", "torch"])

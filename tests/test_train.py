@@ -88,6 +88,11 @@ def test_a_run_that_died_before_its_first_checkpoint_says_what_to_do(tmp_path, d
     run_bad(capsys, train_args(data_dir, run), tmp_path, match="stopped before its first checkpoint; remove it")
     run_bad(capsys, ["train", "--data", str(data_dir), "--out", str(run), "--resume"], tmp_path,
             match="stopped before its first checkpoint; remove it")  # fmt: skip
+    # A run that failed before its first step (here: out of memory) leaves config.json and tb/ alone.
+    (run / "metrics.jsonl").unlink()
+    run_bad(capsys, train_args(data_dir, run), tmp_path, match="stopped before its first checkpoint; remove it")
+    run_bad(capsys, ["train", "--data", str(data_dir), "--out", str(run), "--resume"], tmp_path,
+            match="stopped before its first checkpoint; remove it")  # fmt: skip
 
 
 def test_resume_refuses_what_cannot_continue(run_dir, data_dir, capsys):
