@@ -140,9 +140,10 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 def _trainer_state_ok(state: Any) -> bool:
     if not isinstance(state, dict):
         return False
-    window = state.get("window", {})  # older checkpoints hold no window, nor a skipped count
+    counts = [state.get("step"), state.get("skipped", 0)]  # older checkpoints hold no skipped count, nor a window
+    window = state.get("window", {})
     return (
-        all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", *(("skipped",) if "skipped" in state else ())))
+        all(type(n) is int and n >= 0 for n in counts)
         and all(isinstance(state.get(k), str) for k in ("data_sha256", "tokenizer"))
         and isinstance(state.get("optimizer"), dict)
         and isinstance(window, dict)

@@ -8,6 +8,8 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .config import write_whole
 from .errors import LadderError
 
@@ -155,8 +157,6 @@ def _save(fig, ax, out: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
         ax.legend(fontsize=8)
-    import numpy as np
-
     image = io.BytesIO()
     try:
         with np.errstate(all="ignore"):  # values near float64's limits: matplotlib's overflows are its own
