@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -81,9 +82,16 @@ def save(
             raise
         raise OSError(f"writing {tmp}: {str(e).splitlines()[0]}") from None
     had_previous = path.exists()
-    if had_previous:
-        path.rename(old)
-    tmp.rename(path)
+    try:
+        if had_previous:
+            path.rename(old)
+        tmp.rename(path)
+    except OSError:  # a dir that refuses renames: the previous checkpoint back in place, the temp one gone
+        if had_previous and not path.exists():
+            with contextlib.suppress(OSError):  # else `recover` brings it back, as after a crash
+                old.rename(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync(path.parent)
     if had_previous:
         shutil.rmtree(old)

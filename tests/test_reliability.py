@@ -270,6 +270,25 @@ def test_a_full_disk_inside_a_checkpoint_write_is_one_line_and_keeps_the_last_on
     assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 2 and not (run / "ckpt.tmp").exists()
 
 
+@pytest.mark.parametrize("refused", [("ckpt", "ckpt.old"), ("ckpt.tmp", "ckpt")])
+def test_a_refused_rename_of_a_checkpoint_keeps_the_last_one_and_no_temp_dir(tmp_path, data_dir, capsys, monkeypatch, refused):
+    """The second checkpoint's swap fails: moving the first aside (ckpt -> ckpt.old), or moving the new one in."""
+    rename, run = Path.rename, tmp_path / "run"
+
+    def refuse(self, target):
+        second_save = (run / "ckpt").exists() or (run / "ckpt.old").exists()
+        if (self.name, Path(target).name) == refused and second_save:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=4", "--set", "train.checkpoint_interval=2")) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write a checkpoint" in err and "the last one stays" in err, err
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 2
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt")) == ["ckpt"]
+
+
 def test_a_crash_between_the_checkpoint_renames_is_recovered(tmp_path, run_dir, data_dir):
     run = tmp_path / "run"
     (run / "ckpt.tmp").mkdir(parents=True)  # half-written next checkpoint
