@@ -261,6 +261,70 @@ class Run:
         check_new_dir(self.out)
 
 
+@dataclass
+class Start:
+    """Where training starts: step 0, or where a resume restores it to."""
+
+    step: int = 0
+    skipped: int = 0  # non-finite steps skipped so far, against train.skip_nonfinite
+    window: Window = field(default_factory=Window)  # the steps not logged yet
+    kept: list[dict] = field(default_factory=list)  # the records up to the checkpoint, less the evaluation at its step
+    reevaluate: int = -1  # the step whose evaluation a resume does again, with its own settings
+
+
+def restore(
+    run: Run,
+    cfg: Config,
+    state: dict,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    data_gen: torch.Generator,
+    ddp: distributed.Dist,
+) -> Start:
+    """Load the checkpoint's weights, optimizer state and this rank's random streams; where to start again."""
+    resumed, saved, _ = checkpoint.load(run.ckpt, ddp.device)
+    changed = differing_keys(saved, cfg)
+    # Some of these load without error (another n_head, an SSM's block_size) yet change what the weights compute.
+    if architecture := [key for key in changed if key in ARCHITECTURE_KEYS]:
+        values = [f"{key} ({get_key(saved, key)} in the checkpoint, {get_key(cfg, key)} now)" for key in architecture]
+        raise LadderError(f"cannot resume with another {', '.join(values)}: the trained weights are for the checkpoint's")
+    try:
+        objective.model.load_state_dict(resumed.state_dict())
+        if objective.psi is not None:
+            checkpoint.load_module(run.ckpt, "psi", objective.psi)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, setting in zip(optimizer.param_groups, settings, strict=True):
+            group.update(setting)  # the config's weight decay and betas, not the checkpoint's: a resume may change them
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, LadderError) as e:
+        if not changed:  # the checkpoint's own files disagree
+            why = f"no {e} in trainer.pt" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise LadderError(f"{run.ckpt} is corrupt: {why}") from None
+        raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
+    step = state["step"]
+    try:
+        ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's, at the top)
+        if ddp.rank < len(ranks):
+            set_rng_states(ranks[ddp.rank])
+        else:  # a rank the checkpoint has no stream for: a fresh one of its own
+            set_rng_states(ranks[0])
+            torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
+        data_gen.set_state(state["data_rng"])
+        window = Window(**state.get("window", {}))  # checkpoints before it was saved hold none: a new window
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise LadderError(
+            f"{run.ckpt / 'trainer.pt'} is corrupt: its random streams or window cannot be restored ({e!r})"
+        ) from None
+    records = run.records()  # read by every rank before rank 0 rewrites them: all decide alike
+    return Start(
+        step=step,
+        skipped=state.get("skipped", 0),  # checkpoints before the count was saved hold none
+        window=window,
+        kept=[r for r in records if r["step"] < step or (r["step"] == step and "val_loss" not in r)],
+        reevaluate=step if any(r["step"] == step and "val_loss" in r for r in records) else -1,
+    )
+
+
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train (or resume) a run, in one process or one rank of a torchrun job; returns the final eval losses."""
     data = TokenData.open(data_dir)
@@ -297,55 +361,15 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     data_gen = torch.Generator().manual_seed(cfg.train.seed)  # the same on every rank: one global batch
     if ddp.rank:  # every rank made the same weights; from here each draws its own noise and dropout
         torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank))
-    step = skipped = 0
+    start = restore(run, cfg, state, objective, optimizer, data_gen, ddp) if resume else Start()
+    step, skipped, window = start.step, start.skipped, start.window
     losses: dict[str, float] = {}
     evaluated = -1  # the step last evaluated: a skipped step comes back to the same one
-    window = Window()
-    kept: list[dict] = []  # on resume, the records up to its checkpoint, less the evaluation at its step
-    reevaluate = -1  # the step whose evaluation a resume does again, with its own settings
-    if resume:
-        resumed, saved, _ = checkpoint.load(run.ckpt, device)
-        changed = differing_keys(saved, cfg)
-        # Some of these load without error (another n_head, an SSM's block_size) yet change what the weights compute.
-        if architecture := [key for key in changed if key in ARCHITECTURE_KEYS]:
-            values = [f"{key} ({get_key(saved, key)} in the checkpoint, {get_key(cfg, key)} now)" for key in architecture]
-            raise LadderError(f"cannot resume with another {', '.join(values)}: the trained weights are for the checkpoint's")
-        try:
-            model.load_state_dict(resumed.state_dict())
-            if objective.psi is not None:
-                checkpoint.load_module(run.ckpt, "psi", objective.psi)
-            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            optimizer.load_state_dict(state["optimizer"])
-            for group, setting in zip(optimizer.param_groups, settings, strict=True):
-                group.update(setting)  # the config's weight decay and betas, not the checkpoint's: a resume may change them
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, LadderError) as e:
-            if not changed:  # the checkpoint's own files disagree
-                why = f"no {e} in trainer.pt" if isinstance(e, KeyError) else str(e).splitlines()[0]
-                raise LadderError(f"{run.ckpt} is corrupt: {why}") from None
-            raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
-        step = state["step"]
-        skipped = state.get("skipped", 0)  # checkpoints before the count was saved hold none
-        try:
-            ranks = state.get("rank_rng", [state])  # every rank's random streams (older checkpoints: rank 0's, at the top)
-            if ddp.rank < len(ranks):
-                set_rng_states(ranks[ddp.rank])
-            else:  # a rank the checkpoint has no stream for: a fresh one of its own
-                set_rng_states(ranks[0])
-                torch.manual_seed(rank_seed(cfg.train.seed, ddp.rank) + step)
-            data_gen.set_state(state["data_rng"])
-            window = Window(**state.get("window", {}))  # checkpoints before it was saved hold none: a new window
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise LadderError(
-                f"{run.ckpt / 'trainer.pt'} is corrupt: its random streams or window cannot be restored ({e!r})"
-            ) from None
-        records = run.records()  # read by every rank before rank 0 rewrites them: all decide alike
-        kept = [r for r in records if r["step"] < step or (r["step"] == step and "val_loss" not in r)]
-        reevaluate = step if any(r["step"] == step and "val_loss" in r for r in records) else -1
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
 
     def claim() -> None:
         if resume:
-            run.rewrite_metrics(kept)
+            run.rewrite_metrics(start.kept)
         run.out.mkdir(parents=True, exist_ok=True)
         run.claim(cfg, fresh=not resume)
 
@@ -395,7 +419,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             if k != "step":
                 writer.add_scalar(k, v, record["step"])
 
-    for record in [r for r in kept if r["step"] == step] if ddp.main else []:
+    for record in [r for r in start.kept if r["step"] == step] if ddp.main else []:
         to_tensorboard(record)
     t = cfg.train
     tokens_per_step = t.batch_size * ddp.world * t.grad_accum * cfg.model.block_size
@@ -423,7 +447,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     try:
         while True:
-            if (step % t.eval_interval == 0 or step == t.max_iters or step == reevaluate) and step != evaluated:
+            if (step % t.eval_interval == 0 or step == t.max_iters or step == start.reevaluate) and step != evaluated:
                 evaluated, eval_start = step, time.perf_counter()
                 # Every rank scores its rows; all get the mean, or all stop if any was asked to.
                 losses = estimate_loss(model, data, cfg, ddp, stop=lambda: ddp.any(bool(signals.received)))
