@@ -154,6 +154,7 @@ def _trainer_state_ok(state: Any) -> bool:
         all(type(n) is int and n >= 0 for n in counts)
         and all(isinstance(state.get(k), str) for k in ("data_sha256", "tokenizer"))
         and isinstance(state.get("optimizer"), dict)
+        and isinstance(state.get("evaluation_due", False), bool)
         and isinstance(window, dict)
         and all(type(v) in (int, float) for v in window.values())
     )

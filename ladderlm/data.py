@@ -125,6 +125,9 @@ def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> di
     train, val = ids[:n_train], ids[n_train:]
     if not len(train):  # one token; longer corpora always leave both splits at least one
         raise LadderError(f"source {source} gives only {len(ids)} token; too small to split into train and val")
+    val_chars = len(tok.decode(val.tolist()))
+    if not val_chars:  # only document boundaries (empty files at the end): nothing to score bits per character on
+        raise LadderError(f"source {source}: the validation split (its last 10% of tokens) holds no text; drop its empty files")
     # NUL between documents, so that moving a boundary changes the hash; one document hashes like its file
     sha = hashlib.sha256(b"\0".join(doc.encode("utf-8") for doc in documents))
     meta = {
@@ -136,7 +139,7 @@ def prepare(source: str, tokenizer: str, out: Path, vocab_size: int = 512) -> di
         "documents": len(documents),
         "train_tokens": len(train),
         "val_tokens": len(val),
-        "val_chars": len(tok.decode(val.tolist())),
+        "val_chars": val_chars,
     }
     # Write a hidden temp dir, then move it into place: a failed write leaves nothing at `out`. A new
     # `out` is the temp dir renamed; an empty one is filled in place, since renaming over it needs its
@@ -190,11 +193,11 @@ class TokenData:
         try:
             meta = json.loads((path / "meta.json").read_text())
             vocab_size = meta["vocab_size"]  # training builds the model from it: "66" or 66.0 would crash there
-            counts = [meta[k] for k in ("val_chars", "train_tokens", "val_tokens")]  # prepare writes each >= 1
+            counts = [meta[k] for k in ("val_chars", "train_tokens", "val_tokens")]
             if not (type(vocab_size) is int and isinstance(meta["sha256"], str) and all(type(n) is int for n in counts)):
                 raise TypeError("vocab_size, val_chars and the token counts must be integers and sha256 a string")
-            if min(counts) < 1:
-                raise ValueError("val_chars and the token counts must be at least 1")
+            if min(counts) < 0:
+                raise ValueError("val_chars and the token counts cannot be negative")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise LadderError(f"data dir {path} has a corrupt meta.json ({e})") from None
         tokenizer = load_tokenizer(path / "tokenizer.json")

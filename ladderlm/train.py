@@ -106,7 +106,7 @@ def estimate_loss(
             x, y = data.batch(split, cfg.train.batch_size, cfg.model.block_size, g, shard=(ddp.rank, ddp.world))
             losses.append(model.loss(x.to(device), y.to(device), noise))
         means.append(torch.stack(losses).mean())
-    train_loss, val_loss = ddp.mean(torch.stack(means)).tolist()  # one sync per eval
+    train_loss, val_loss = ddp.mean(torch.stack(means)).tolist()  # one sync per eval (and one a batch for `stop` under DDP)
     model.train()
     return {"train_loss": train_loss, "val_loss": val_loss}
 
@@ -269,7 +269,7 @@ class Start:
     skipped: int = 0  # non-finite steps skipped so far, against train.skip_nonfinite
     window: Window = field(default_factory=Window)  # the steps not logged yet
     kept: list[dict] = field(default_factory=list)  # the records up to the checkpoint, less the evaluation at its step
-    reevaluate: int = -1  # the step whose evaluation a resume does again, with its own settings
+    reevaluate: int = -1  # the step whose evaluation a resume does (again), with its own settings
 
 
 def restore(
@@ -296,10 +296,12 @@ def restore(
         optimizer.load_state_dict(state["optimizer"])
         for group, setting in zip(optimizer.param_groups, settings, strict=True):
             group.update(setting)  # the config's weight decay and betas, not the checkpoint's: a resume may change them
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, LadderError) as e:
+    except (KeyError, TypeError, IndexError) as e:  # an optimizer state of another shape than torch saves
+        why = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise LadderError(f"{run.ckpt / 'trainer.pt'} is corrupt: its optimizer state is not torch's ({why})") from None
+    except (RuntimeError, ValueError, LadderError) as e:
         if not changed:  # the checkpoint's own files disagree
-            why = f"no {e} in trainer.pt" if isinstance(e, KeyError) else str(e).splitlines()[0]
-            raise LadderError(f"{run.ckpt} is corrupt: {why}") from None
+            raise LadderError(f"{run.ckpt} is corrupt: {str(e).splitlines()[0]}") from None
         raise LadderError(f"cannot resume with another {', '.join(changed)}: the trained weights do not fit it") from None
     step = state["step"]
     try:
@@ -321,7 +323,8 @@ def restore(
         skipped=state.get("skipped", 0),  # checkpoints before the count was saved hold none
         window=window,
         kept=[r for r in records if r["step"] < step or (r["step"] == step and "val_loss" not in r)],
-        reevaluate=step if any(r["step"] == step and "val_loss" in r for r in records) else -1,
+        # Its evaluation logged, or due and not logged (the checkpoint came first, or a signal stopped it).
+        reevaluate=step if state.get("evaluation_due") or any(r["step"] == step and "val_loss" in r for r in records) else -1,
     )
 
 
@@ -365,6 +368,10 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     step, skipped, window = start.step, start.skipped, start.window
     losses: dict[str, float] = {}
     evaluated = -1  # the step last evaluated: a skipped step comes back to the same one
+
+    def evaluation_due() -> bool:
+        return (step % t.eval_interval == 0 or step == t.max_iters or step == start.reevaluate) and step != evaluated
+
     ddp.barrier()  # every rank has checked the out dir before rank 0 writes to it
 
     def claim() -> None:
@@ -394,6 +401,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
             trainer_state = {
                 "step": step,
                 "skipped": skipped,  # non-finite steps skipped so far, against train.skip_nonfinite
+                "evaluation_due": evaluation_due(),  # a resume at this step evaluates first, as this run would have
                 "window": window.state(),  # the steps not logged yet: a resumed run logs them as this one would
                 "optimizer": optimizer.state_dict(),
                 "rank_rng": streams,
@@ -447,14 +455,15 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
     try:
         while True:
-            if (step % t.eval_interval == 0 or step == t.max_iters or step == start.reevaluate) and step != evaluated:
-                evaluated, eval_start = step, time.perf_counter()
+            if evaluation_due():
+                eval_start = time.perf_counter()
                 # Every rank scores its rows; all get the mean, or all stop if any was asked to.
                 losses = estimate_loss(model, data, cfg, ddp, stop=lambda: ddp.any(bool(signals.received)))
                 window.started += time.perf_counter() - eval_start  # tokens/s of the window's steps, not of this eval
                 if losses is None:
                     raise stopped_here()
                 log({"step": step, **losses})
+                evaluated = step
                 say(f"step {step}: train {losses['train_loss']:.4f}, val {losses['val_loss']:.4f}")
             if step >= t.max_iters:
                 break

@@ -215,6 +215,18 @@ def test_prepare_refuses_a_corpus_too_small_to_split(tmp_path):
     assert len(TokenData.open(tmp_path / "out").val) == 1
 
 
+def test_prepare_refuses_a_validation_split_without_text(tmp_path):
+    """Empty files at the end of a source dir give a validation split of document boundaries only."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("some text for training, " * 4)
+    for i in range(12):
+        (src / f"b{i:02}.txt").write_text("")
+    with pytest.raises(LadderError, match="the validation split .* holds no text"):
+        prepare(str(src), "char", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_bad_token_files(tmp_path, data_dir, split):
     d = tmp_path / "d"
@@ -236,7 +248,7 @@ def test_bad_token_files(tmp_path, data_dir, split):
 
 @pytest.mark.parametrize(
     "edit",
-    [{"sha256": None}, {"val_chars": "x"}, {"val_chars": 0}, {"val_chars": 1e23}, {"train_tokens": None}, {"val_tokens": -5},
+    [{"sha256": None}, {"val_chars": "x"}, {"val_chars": -1}, {"val_chars": 1e23}, {"train_tokens": None}, {"val_tokens": -5},
      {"vocab_size": "VOCAB"}, {"vocab_size": 1.0}],
 )  # fmt: skip
 def test_meta_fields_that_training_and_eval_read_are_checked(tmp_path, data_dir, edit):

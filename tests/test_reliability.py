@@ -194,6 +194,42 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_resume_evaluates_again(t
     assert all((full[k] == resumed[k]).all() for k in full)
 
 
+def test_an_evaluation_a_signal_stopped_is_done_by_the_resume_even_off_the_interval(tmp_path, data_dir, monkeypatch):
+    """The evaluation at max_iters = 6 (off eval_interval = 4) is stopped, and so is the resume's redoing of it;
+    the second resume, for 10 steps, logs and trains as finishing at 6 and then resuming for 10 does."""
+    from ladderlm.model import LadderLM
+
+    loss, calls = LadderLM.loss, []
+
+    def a_signal_at_eval_call(n):
+        def counted(self, *args, **kwargs):
+            if not self.training:
+                calls.append(1)
+                if len(calls) == n:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return loss(self, *args, **kwargs)
+
+        return counted
+
+    common = ["--set", "train.eval_interval=4", "--set", "train.eval_iters=5", "--set", "train.log_interval=2"]
+    resume = ["train", "--data", str(data_dir), "--no-progress", "--resume", "--set", "train.max_iters=10", *common]
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert main(train_args(data_dir, full, "--set", "train.max_iters=6", *common)) == 0
+    assert main([*resume, "--out", str(full)]) == 0
+    monkeypatch.setattr(LadderLM, "loss", a_signal_at_eval_call(2 * 2 * 5 + 1))  # evaluations at 0 and 4, then 6's first batch
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=6", *common)) == 130
+    calls.clear()
+    monkeypatch.setattr(LadderLM, "loss", a_signal_at_eval_call(1))
+    assert main([*resume, "--out", str(run)]) == 130
+    assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 6
+    monkeypatch.setattr(LadderLM, "loss", loss)
+    assert main([*resume, "--out", str(run)]) == 0
+    assert [r["step"] for r in metrics(run) if "val_loss" in r] == [0, 4, 6, 8, 10]
+    assert metrics(run) == metrics(full)
+    a, b = weights(full), weights(run)
+    assert all((a[k] == b[k]).all() for k in a)
+
+
 @pytest.mark.parametrize(
     "line, match",
     [
@@ -239,6 +275,15 @@ def test_a_well_formed_but_wrong_trainer_state_is_one_line_and_changes_nothing(t
     torch.save(damage(state), run / "ckpt" / "trainer.pt")
     argv = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=30"]
     run_bad(capsys, argv, tmp_path, match="is corrupt")
+
+
+def test_a_damaged_optimizer_state_is_corruption_even_with_keys_changed(tmp_path, run_dir, data_dir, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    state = torch.load(run / "ckpt" / "trainer.pt", weights_only=True)
+    torch.save({**state, "optimizer": {"state": {}}}, run / "ckpt" / "trainer.pt")
+    argv = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "model.dropout=0.05"]
+    run_bad(capsys, argv, tmp_path, match="trainer.pt is corrupt: its optimizer state is not torch's (no 'param_groups')")
 
 
 @pytest.mark.parametrize("writer", ["save_model", "torch"])
