@@ -6,7 +6,9 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import LadderError, TrainingInterrupted
@@ -347,7 +349,21 @@ OUT_OF_MEMORY_HINTS = {
 }
 
 
+def _interrupt(_signum: int, _frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: temp files are removed on the way out (train stops at a step instead)
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)

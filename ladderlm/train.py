@@ -453,7 +453,16 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
 
         ddp.on_main(write)
 
+    def log_window(lr: float) -> None:
+        nonlocal window
+        record = {"step": step, **window.means(tokens_per_step), "lr": lr}
+        log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        window = Window()
+
     try:
+        if step == t.max_iters and window.steps:  # a resume at the last step: its unlogged steps end the run, as they would have
+            log_window(learning_rate(step - 1, cfg))
         while True:
             if evaluation_due():
                 eval_start = time.perf_counter()
@@ -504,10 +513,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
                 window.add(mean_loss, grad_norm, clipped=bool(t.grad_clip) and grad_norm > t.grad_clip)
                 bar.update(1)
                 if step % t.log_interval == 0 or step == t.max_iters:
-                    record = {"step": step, **window.means(tokens_per_step), "lr": lr}
-                    log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    window = Window()
+                    log_window(lr)
             if stop:
                 raise stopped_here()
             if finite and (step % t.checkpoint_interval == 0 or step == t.max_iters):

@@ -230,6 +230,28 @@ def test_an_evaluation_a_signal_stopped_is_done_by_the_resume_even_off_the_inter
     assert all((a[k] == b[k]).all() for k in a)
 
 
+def test_a_resume_that_ends_at_its_checkpoint_logs_the_steps_it_holds(tmp_path, data_dir, monkeypatch):
+    """Stopped after step 7 (log_interval 4: steps 5-7 not logged), resumed with max_iters=7: the record at 7
+    is written, as a run straight to 7 writes it (the same learning-rate schedule: lr_decay_iters fixed)."""
+    forward, calls = train.Objective.forward, []
+
+    def a_signal_in_the_seventh_step(self, *args):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args)
+
+    common = ["--set", "train.log_interval=4", "--set", "train.eval_interval=100", "--set", "train.lr_decay_iters=100"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert main(train_args(data_dir, straight, "--set", "train.max_iters=7", *common)) == 0
+    monkeypatch.setattr(train.Objective, "forward", a_signal_in_the_seventh_step)
+    assert main(train_args(data_dir, run, "--set", "train.max_iters=100", *common)) == 130
+    monkeypatch.setattr(train.Objective, "forward", forward)
+    resume = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=7"]
+    assert main(resume) == 0
+    assert [r["step"] for r in metrics(run)] == [0, 4, 7, 7] and metrics(run) == metrics(straight)
+
+
 @pytest.mark.parametrize(
     "line, match",
     [
@@ -421,3 +443,22 @@ def test_a_full_disk_at_resume_leaves_the_run_files_whole(tmp_path, run_dir, dat
     assert err == expected[name]
     assert (run / name).read_bytes() == before
     assert not (run / f"{name}.tmp").exists()
+
+
+def test_sigterm_during_prepare_leaves_no_temp_dir(tmp_path, monkeypatch, capsys):
+    """The default SIGTERM kills without cleanup (a 58 MB hidden dir was left beside --out); now it is an interrupt."""
+    from ladderlm.tokenizer import CharTokenizer
+
+    save = CharTokenizer.save
+
+    def a_signal_while_writing(self, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save(self, path)
+
+    monkeypatch.setattr(CharTokenizer, "save", a_signal_while_writing)
+    (tmp_path / "src.txt").write_text("some text to prepare, " * 20)
+    out = tmp_path / "out"
+    assert main(["prepare", "--source", str(tmp_path / "src.txt"), "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "ladderlm: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.txt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() leaves the handler as it found it
