@@ -463,6 +463,7 @@ def _train(cfg: Config, data: TokenData, run: Run, ddp: distributed.Dist, resume
     try:
         if step == t.max_iters and window.steps:  # a resume at the last step: its unlogged steps end the run, as they would have
             log_window(learning_rate(step - 1, cfg))
+            save_checkpoint()  # as a finished run's: its window logged
         while True:
             if evaluation_due():
                 eval_start = time.perf_counter()

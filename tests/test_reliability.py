@@ -250,6 +250,8 @@ def test_a_resume_that_ends_at_its_checkpoint_logs_the_steps_it_holds(tmp_path, 
     resume = ["train", "--data", str(data_dir), "--out", str(run), "--resume", "--no-progress", "--set", "train.max_iters=7"]
     assert main(resume) == 0
     assert [r["step"] for r in metrics(run)] == [0, 4, 7, 7] and metrics(run) == metrics(straight)
+    assert main(resume) == 0  # resuming the finished run again logs nothing twice
+    assert metrics(run) == metrics(straight)
 
 
 @pytest.mark.parametrize(
