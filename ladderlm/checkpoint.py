@@ -66,6 +66,7 @@ def save(
     """
     recover(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    had_previous = path.exists()
     tmp.mkdir(parents=True)
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -76,22 +77,18 @@ def save(
         torch.save(trainer_state, tmp / "trainer.pt")
         for f in [*tmp.iterdir(), tmp]:
             _fsync(f)
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: safetensors and torch.save raise their own types
-        shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back
-        if isinstance(e, OSError):
-            raise
-        raise OSError(f"writing {tmp}: {str(e).splitlines()[0]}") from None
-    had_previous = path.exists()
-    try:
         if had_previous:
             path.rename(old)
         tmp.rename(path)
-    except OSError:  # a dir that refuses renames: the previous checkpoint back in place, the temp one gone
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk (safetensors and torch.save raise their own
+        # types) or a dir that refuses renames: the previous checkpoint in place, the temp one's space back
         if had_previous and not path.exists():
             with contextlib.suppress(OSError):  # else `recover` brings it back, as after a crash
                 old.rename(path)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(e, OSError):
+            raise
+        raise OSError(f"writing {tmp}: {str(e).splitlines()[0]}") from None
     _fsync(path.parent)
     if had_previous:
         shutil.rmtree(old)
