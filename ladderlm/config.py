@@ -46,6 +46,7 @@ class ModelConfig:
     grad_passes: int = 0  # backpropagate through the last this many passes (0: all); earlier ones run without a graph
     recompute_passes: bool = False  # passes before the last keep only their outputs and run again in the backward (memory knob)
     emit_head: str = "rung"  # the emitted token's logits: the clean rung's (tied) head, or plus a head over every rung
+    embed_in: str = "rung"  # the clean rung's token: its rung's embedding alone, or plus one at the backbone's full width
     train_prompts: float = 0.0  # fraction of training windows that open with a random prompt, fed as the sampler feeds one
 
 
@@ -105,6 +106,7 @@ CHOICES = {
     "model.prompt_read": ("parallel", "passes", "stream"),
     "model.first_pass": ("blank", "truth"),
     "model.emit_head": ("rung", "full"),
+    "model.embed_in": ("rung", "full"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("auto", "fp32", "bf16"),
 }
@@ -146,7 +148,7 @@ def _check_value(dotted: str, value: Any) -> Any:
 # What the trained weights are for: a resume may change how the model is trained or sampled, never these.
 ARCHITECTURE_KEYS = frozenset(
     f"model.{key}"
-    for key in "vocab_size n_layer n_head n_embd block_size bias backbone n_step tie_head emit_head".split()
+    for key in "vocab_size n_layer n_head n_embd block_size bias backbone n_step tie_head emit_head embed_in".split()
     + "ssm_state ssm_conv ssm_expand ssm_head_dim".split()
 )
 

@@ -97,7 +97,7 @@ def teacher_forced_stats(
         window = windows[i : i + batch_size].to(device)
         targets = window.masked_fill(~scored[i : i + batch_size].to(device), -100)
         inputs = torch.cat([torch.full_like(window[:, :1], eot_id), window[:, :-1]], 1)
-        x, y = model.teacher_forced(inputs, generator)
+        x, _, y = model.teacher_forced(inputs, generator)
         slot_tgt, real = objectives.slot_targets(targets, S)
         counted = slot_tgt != -100  # (b, L, S)
         ce = objectives.slot_cross_entropy(model.logits(y), slot_tgt)

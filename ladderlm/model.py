@@ -3,8 +3,9 @@
 Each ladder position carries S rungs of E = n_embd // S features; slot (p, s) holds token p - s
 at signal fraction alpha_s (rung 0 noisiest, rung S-1 clean). The backbone sees the S rungs
 flattened to n_embd; its output y[p, s] is read per rung: lm_head(y[p, s]) predicts token
-p + 1 - s and y[p, s] itself predicts the next ladder's slot x[p + 1, s]. With S = 1: one rung,
-signal 1, no noise, y[p] -> x_{p+1}: the GPT, by this same code.
+p + 1 - s and y[p, s] itself predicts the next ladder's slot x[p + 1, s]. The clean rung's token is
+the newest one known at p; the backbone may read it at its full width too (`embed_in`). With S = 1:
+one rung, signal 1, no noise, y[p] -> x_{p+1}: the GPT, by this same code.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class LadderLM(nn.Module):
         self.emit_head = nn.Linear(S * E, cfg.vocab_size, bias=False) if cfg.emit_head == "full" and S > 1 else None
         if self.emit_head is not None:
             nn.init.zeros_(self.emit_head.weight)
+        # The clean rung's E features give the known token a rank-E input; "full" adds an embedding of
+        # it at the backbone's width, normalised and scaled as the GPT's input embedding is.
+        self.wte_full = nn.Embedding(cfg.vocab_size, S * E) if cfg.embed_in == "full" and S > 1 else None
+        if self.wte_full is not None:
+            nn.init.normal_(self.wte_full.weight, mean=0.0, std=0.02)
+            self.in_norm_full = RungNorm(1, S * E, cfg.bias)
+            nn.init.constant_(self.in_norm_full.weight, 0.02)
         alpha = ladder.alpha_schedule(S, cfg.gamma)
         sqrt_a, sqrt_1ma = ladder.slot_signal(alpha)
         self.register_buffer("alpha", alpha, persistent=False)  # (S,)
@@ -100,22 +108,25 @@ class LadderLM(nn.Module):
         generator: torch.Generator | None = None,
         draws: Tensor | None = None,
         first: Tensor | int = 0,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Normalised slot inputs at `positions` over known tokens (B, n), row r's starting at first[r].
 
-        Returns x (B, P, S, E) and the (P, S) `given` mask; the other slots hold tokens not
-        emitted yet (pads here; the sampler replaces them with the model's own outputs).
+        Returns x (B, P, S, E), the (P, S) `given` mask (the other slots hold tokens not emitted
+        yet: pads here; the sampler replaces them with the model's own outputs) and the clean
+        rungs' tokens (B, P), -1 at pads, for `run`.
         """
         n = tokens.shape[1]
         j = ladder.slot_tokens(positions, self.n_step)  # (P, S)
         real, given = ladder.masks_of(j, n, first)
-        emb = self.wte(tokens[:, j.clamp(0, n - 1)])  # (B, P, S, E)
+        ids = tokens[:, j.clamp(0, n - 1)]  # (B, P, S)
+        clean = torch.where(real[..., -1], ids[..., -1], -1)  # (B, P)
+        emb = self.wte(ids)  # (B, P, S, E)
         keep = real[..., None].to(emb.dtype)  # (P, S, 1), or (B, P, S, 1) per row: zero on pads
         raw = emb * (self.sqrt_alpha * keep)
         eps = self.noise(noise, emb, generator, draws)
         if eps is not None:
             raw = raw + eps * (self.sqrt_one_minus_alpha * keep)
-        return self.in_norm(raw), given
+        return self.in_norm(raw), given, clean
 
     def embed_emitted(self, tokens: Tensor) -> Tensor:
         """Clean-rung inputs (N, 1, E) of tokens (N,), as embed_slots gives them: decoding's one known slot."""
@@ -148,27 +159,42 @@ class LadderLM(nn.Module):
             raw = raw + self.sqrt_one_minus_alpha * eps[:, 0]
         return self.in_norm(raw)
 
-    def run(self, x: Tensor, state):
-        """Backbone over ladder inputs (B, P, S, E) -> outputs (B, P, S, E) and the new state."""
+    def run(self, x: Tensor, clean: Tensor, state):
+        """Backbone over ladder inputs (B, P, S, E) whose clean rungs hold tokens `clean` (B, P) (-1: a pad)
+        -> outputs (B, P, S, E) and the new state."""
         B, P, S, E = x.shape
-        h, state = self.backbone(x.reshape(B, P, S * E), state)
+        h = x.reshape(B, P, S * E)
+        if self.wte_full is not None:
+            table = self.in_norm_full(self.wte_full.weight[:, None])[:, 0]  # (V, S * E)
+            h = h + F.embedding(clean.clamp_min(0), table) * (clean >= 0)[..., None].to(h.dtype)
+        h, state = self.backbone(h, state)
         return self.out_norm(h.view(B, P, S, E)), state
 
-    def inputs(self, idx: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Teacher-forced inputs (B, L, S, E) of the L = T + S - 1 positions over windows idx (B, T)."""
+    def inputs(self, idx: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced inputs (B, L, S, E) of the L = T + S - 1 positions over windows idx (B, T), and
+        their clean rungs' tokens (B, L)."""
         positions = torch.arange(idx.shape[1] + self.n_step - 1, device=idx.device)
-        return self.embed_slots(idx, positions, self.cfg.noise, generator)[0]
+        x, _, clean = self.embed_slots(idx, positions, self.cfg.noise, generator)
+        return x, clean
 
-    def teacher_forced(self, idx: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Inputs and outputs (B, L, S, E) of one pass over teacher-forced inputs."""
-        x = self.inputs(idx, generator)
-        return x, self.run(x, self.empty_state(idx.shape[0], idx.device))[0]
+    def teacher_forced(self, idx: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs (B, L, S, E), their clean rungs' tokens (B, L) and the outputs (B, L, S, E) of one pass
+        over teacher-forced inputs."""
+        x, clean = self.inputs(idx, generator)
+        return x, clean, self.run(x, clean, self.empty_state(idx.shape[0], idx.device))[0]
 
     def feed_back(
-        self, x: Tensor, y: Tensor, fed: Tensor, state, draws: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        clean: Tensor,
+        y: Tensor,
+        fed: Tensor,
+        state,
+        draws: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, object]:
-        """One backbone pass over inputs x (B, L, S, E) whose `fed` slots ((L, S) or (B, L, S), never
-        at position 0) take fill(y[p - 1, s]) from the previous pass's outputs y, as the sampler
+        """One backbone pass over inputs x (B, L, S, E) (clean rungs' tokens `clean`) whose `fed` slots
+        ((L, S) or (B, L, S), never at position 0) take fill(y[p - 1, s]) from the previous pass's outputs y, as the sampler
         feeds them (`draws` (B, L, S-1, E): the fills' Gaussians, as the sampler draws them; else
         fresh ones from `generator`).
         Returns the outputs (B, L, S, E) and the backbone state after them."""
@@ -176,11 +202,12 @@ class LadderLM(nn.Module):
         noise = None if draws is None else draws[:, 1:].reshape(-1, S - 1, E)
         fills = self.fill(y[:, :-1].reshape(-1, S, E), noise, generator).view(B, L - 1, S, E)
         x = torch.cat([x[:, :1], torch.where(fed[..., 1:, :, None], fills, x[:, 1:])], 1)
-        return self.run(x, state)
+        return self.run(x, clean, state)
 
     def rollout(
         self,
         x: Tensor,
+        clean: Tensor,
         y: Tensor,
         steps: int,
         known: Tensor | int = 1,
@@ -189,7 +216,7 @@ class LadderLM(nn.Module):
     ) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
 
-        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung, of the known
+        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung (its tokens `clean` (B, L)), of the known
         tokens (the first `known` of each window, (B,): the start token, or a prompt) and of pads,
         and fills every other slot (a token the sampler would not have emitted yet) from the
         previous pass's outputs one position back (`feed_back`). Pass k then equals the
@@ -203,7 +230,7 @@ class LadderLM(nn.Module):
         fed = (j >= known) & (torch.arange(S, device=x.device) < S - 1)  # (L, S) or (B, L, S): not emitted yet there
         outs = []
         for _ in range(steps):
-            y, _ = self.feed_back(x, y, fed, self.empty_state(B, x.device), draws, generator)
+            y, _ = self.feed_back(x, clean, y, fed, self.empty_state(B, x.device), draws, generator)
             outs.append(y)
         return outs
 
@@ -213,8 +240,11 @@ class LadderLM(nn.Module):
         passes = 1 if self.n_step == 1 else passes or self.cfg.train_passes or self.n_step
         return passes, passes if self.cfg.grad_passes == 0 else min(self.cfg.grad_passes, passes)
 
-    def unrolled(self, x: Tensor, known: Tensor | int = 1, passes: int = 0, generator: torch.Generator | None = None) -> Tensor:
-        """Outputs (B, L, S, E) of the last of `passes` (0: `train_passes`) passes over teacher-forced inputs x.
+    def unrolled(
+        self, x: Tensor, clean: Tensor, known: Tensor | int = 1, passes: int = 0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Outputs (B, L, S, E) of the last of `passes` (0: `train_passes`) passes over teacher-forced inputs x
+        (clean rungs' tokens `clean` (B, L)).
 
         The first pass reads x, or with first_pass = "blank" zeros in the slots of tokens not
         emitted yet; every later pass fills those slots from the previous outputs as the sampler
@@ -229,9 +259,9 @@ class LadderLM(nn.Module):
 
         def one_pass(y: Tensor, k: int, draws: Tensor | None) -> Tensor:  # the first one reads x itself unless blank
             return (
-                self.rollout(x, y, 1, known, generator, draws)[-1]
+                self.rollout(x, clean, y, 1, known, generator, draws)[-1]
                 if blank or k
-                else self.run(x, self.empty_state(x.shape[0], x.device))[0]
+                else self.run(x, clean, self.empty_state(x.shape[0], x.device))[0]
             )
 
         def fill_draws(k: int) -> Tensor | None:
@@ -264,22 +294,23 @@ class LadderLM(nn.Module):
 
     def window(
         self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None, passes: int = 0
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Teacher-forced inputs x and trained outputs y (B, L, S, E) over windows idx (B, T), and the
-        targets the loss counts: a prompt's own tokens are given, not predicted (-100)."""
-        x = self.inputs(idx, generator)
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Teacher-forced inputs x, their clean rungs' tokens and trained outputs y (B, L, S, E) over
+        windows idx (B, T), and the targets the loss counts: a prompt's own tokens are given, not
+        predicted (-100)."""
+        x, clean = self.inputs(idx, generator)
         known = self.prompt_lengths(idx, generator)
-        y = self.unrolled(x, known, passes, generator)
+        y = self.unrolled(x, clean, known, passes, generator)
         if targets is not None:
             targets = targets.masked_fill(torch.arange(idx.shape[1], device=idx.device) < known[:, None] - 1, -100)
-        return x, y, targets
+        return x, clean, y, targets
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, generator: torch.Generator | None = None, passes: int = 0
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, L, S, V) over windows idx (B, T); with targets (B, T), the next tokens, the loss.
         `passes` overrides `train_passes` (0: keep it)."""
-        x, y, targets = self.window(idx, targets, generator, passes)
+        x, _, y, targets = self.window(idx, targets, generator, passes)
         logits = self.logits(y)
         if targets is None:
             return logits, None
@@ -288,7 +319,7 @@ class LadderLM(nn.Module):
     def loss(self, idx: Tensor, targets: Tensor, generator: torch.Generator | None = None, passes: int = 0) -> Tensor:
         """forward's loss, computing only the logits it scores: the clean rung's alone unless ce_rungs = "all"
         (the head's cost, S times over with a large vocabulary, and its activations)."""
-        x, y, targets = self.window(idx, targets, generator, passes)
+        x, _, y, targets = self.window(idx, targets, generator, passes)
         logits = self.logits(y) if self.cfg.ce_rungs == "all" else self.clean_logits(y)[..., None, :]
         return objectives.ladder_loss(self.cfg, logits, y, x, targets, self.alpha, self.in_norm)
 

@@ -106,7 +106,9 @@ def nextlat_losses(h: Tensor, next_emb: Tensor, head: Tensor, psi: LatentDynamic
     return l_h / horizon, l_kl / horizon
 
 
-def ladder_rollout_losses(model, x: Tensor, y: Tensor, targets: Tensor, horizon: int, with_latent: bool) -> tuple[Tensor, Tensor]:
+def ladder_rollout_losses(
+    model, x: Tensor, clean: Tensor, y: Tensor, targets: Tensor, horizon: int, with_latent: bool
+) -> tuple[Tensor, Tensor]:
     """NextLat for a ladder: the KL term (and optional latent regression) on a `horizon`-pass rollout.
 
     Compared slots: every real slot (p, s) of the window. KL(p(.|sg y[p, s]) || p(.|y^k[p, s]))
@@ -121,7 +123,7 @@ def ladder_rollout_losses(model, x: Tensor, y: Tensor, targets: Tensor, horizon:
     _, real = slot_targets(targets, model.n_step)
     weight = real / (real.sum() * y.shape[0])
     l_h, l_kl = torch.zeros((), device=y.device), torch.zeros((), device=y.device)
-    for y_k in model.rollout(x, y, horizon):
+    for y_k in model.rollout(x, clean, y, horizon):
         logq = F.log_softmax(model.logits(y_k, frozen=True).float(), dim=-1)
         l_kl = l_kl + (F.kl_div(logq, true_logp, log_target=True, reduction="none").sum(-1) * weight).sum()
         if with_latent:

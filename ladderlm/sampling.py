@@ -83,24 +83,25 @@ def decode(
     out = torch.empty(N, n_new, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     draws, pad = torch.empty(0), torch.empty(0)
-    prefix, prefix_given = torch.empty(0), torch.empty(0)  # known slots of phases i and ii, set by restart
+    # The known slots of phases i and ii, their mask and their clean rungs' tokens, set by restart.
+    prefix, prefix_given, prefix_clean = torch.empty(0), torch.empty(0), torch.empty(0)
 
     read = model.cfg.prompt_read if S > 1 else "parallel"  # with one rung every prompt slot is a clean one
     stream = read != "parallel"  # prompt tokens on the clean rung only
 
     def step(c: int, n_known: int, y_last: Tensor, state) -> tuple[Tensor, object]:
         if c < prefix.shape[1]:
-            x, given = prefix[:, c : c + 1], prefix_given[..., c : c + 1, :]
+            x, given, clean = prefix[:, c : c + 1], prefix_given[..., c : c + 1, :], prefix_clean[:, c : c + 1]
             if stream or c >= n_known:  # slot (c, 0) and maybe more hold tokens not emitted yet: fill them
                 x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
         else:  # phase iii: the clean rung holds the only known token, the rungs below it fills
-            clean = model.embed_emitted(ctx[:, c - S + 1])  # (N, 1, E)
-            x = torch.cat([model.fill(y_last, draws[:, c])[:, :-1], clean], 1)[:, None]  # (N, 1, S, E)
-        y, state = model.run(x, state)
+            clean = ctx[:, c - S + 1 : c - S + 2]  # (N, 1)
+            x = torch.cat([model.fill(y_last, draws[:, c])[:, :-1], model.embed_emitted(clean[:, 0])], 1)[:, None]  # (N, 1, S, E)
+        y, state = model.run(x, clean, state)
         return y[:, -1], state
 
     def restart(rows: Sequence[Tensor]) -> tuple[int, Tensor, object]:
-        nonlocal draws, pad, prefix, prefix_given
+        nonlocal draws, pad, prefix, prefix_given, prefix_clean
         window, pad = left_pad(rows, fill=0)
         # One Gaussian per noisy slot of the window, drawn up front: a slot gets the same noise
         # whether its position is computed in the parallel prefill or in a single step.
@@ -110,7 +111,9 @@ def decode(
         # The known slots of the prompt positions (phase i) and of the S - 1 positions after them
         # (phase ii, which mix known tokens with the model's outputs), embedded in one call.
         positions = torch.arange(w + S - 1, device=device)
-        prefix, prefix_given = model.embed_slots(window, positions, model.prompt_noise, draws=draws[:, : w + S - 1], first=pad)
+        prefix, prefix_given, prefix_clean = model.embed_slots(
+            window, positions, model.prompt_noise, draws=draws[:, : w + S - 1], first=pad
+        )
         if stream:  # the prompt's tokens enter on the clean rung only, as emitted tokens do (the start token and pads stay)
             j = ladder.slot_tokens(positions, S)  # (P, S)
             prefix_given = prefix_given & ((torch.arange(S, device=device) == S - 1) | (j <= pad[:, None, None]))  # (N, P, S)
@@ -118,11 +121,11 @@ def decode(
             y = torch.zeros_like(prefix[:, :w])  # a blank start
             for _ in range(model.pass_counts()[0]):
                 state = model.empty_state(N, device, pad, reserve=model.n_positions)
-                y, state = model.feed_back(prefix[:, :w], y, ~prefix_given[:, :w], state, draws[:, :w])
+                y, state = model.feed_back(prefix[:, :w], prefix_clean[:, :w], y, ~prefix_given[:, :w], state, draws[:, :w])
             return w, y[:, -1], state
         state = model.empty_state(N, device, pad, reserve=model.n_positions)
         if parallel_prefill and read == "parallel":
-            y, state = model.run(prefix[:, :w], state)
+            y, state = model.run(prefix[:, :w], prefix_clean[:, :w], state)
             return w, y[:, -1], state
         y_last = torch.zeros(N, S, model.rung_dim, device=device)  # read by no slot: position 0 holds the start token and pads
         for c in range(w):

@@ -70,14 +70,14 @@ class Objective(nn.Module):
         n, m = self.nextlat, self.model
         if not (n.horizon and (n.lambda_h or n.lambda_kl)):
             return m.loss(idx, targets, passes=passes)
-        x, y, targets = m.window(idx, targets)  # one pass (validated): over the noised truth, or blank slots
+        x, clean, y, targets = m.window(idx, targets)  # one pass (validated): over the noised truth, or blank slots
         loss = objectives.ladder_loss(m.cfg, m.logits(y), y, x, targets, m.alpha, m.in_norm)
         if self.psi is not None:
             latents = y[:, :, -1]  # (B, T, C): one rung
             head = m.lm_head.weight.detach()
             l_h, l_kl = objectives.nextlat_losses(latents, m.wte(targets).detach(), head, self.psi, n.horizon)
         else:
-            l_h, l_kl = objectives.ladder_rollout_losses(m, x, y, targets, n.horizon, with_latent=n.lambda_h > 0)
+            l_h, l_kl = objectives.ladder_rollout_losses(m, x, clean, y, targets, n.horizon, with_latent=n.lambda_h > 0)
         return loss + n.lambda_h * l_h + n.lambda_kl * l_kl
 
 

@@ -32,13 +32,13 @@ def main() -> None:
     idx, targets = data.batch("val", args.windows, cfg.model.block_size, torch.Generator().manual_seed(5))
     S = model.n_step
     slot_tgt, _ = objectives.slot_targets(targets, S)
-    x = model.inputs(idx, torch.Generator().manual_seed(1))
+    x, clean = model.inputs(idx, torch.Generator().manual_seed(1))
     for first in ("blank", "truth"):
-        y = torch.zeros_like(x) if first == "blank" else model.run(x, model.empty_state(len(idx)))[0]
+        y = torch.zeros_like(x) if first == "blank" else model.run(x, clean, model.empty_state(len(idx)))[0]
         losses = []
         for passes in range(1, args.max_passes + 1):
             if passes > 1 or first == "blank":
-                y = model.rollout(x, y, 1)[-1]
+                y = model.rollout(x, clean, y, 1)[-1]
             ce = objectives.slot_cross_entropy(model.logits(y), slot_tgt)[:, S - 1 :, -1]
             losses.append(f"P{passes}={ce.mean().item():.3f}")
         print(f"first pass {first}: {' '.join(losses)}")

@@ -68,7 +68,7 @@ def test_slot_holds_token_p_minus_s(n_step):
     model = tiny_model(n_step=n_step, vocab_size=50)
     tokens = torch.arange(4)[None] + 10
     L = 4 + n_step - 1
-    x, _ = model.embed_slots(tokens, torch.arange(L), "zero")
+    x, _, _ = model.embed_slots(tokens, torch.arange(L), "zero")
     for p in range(L):
         for s in range(n_step):
             j = p - s

@@ -13,11 +13,11 @@ def test_cached_steps_equal_full_recompute():
     model = tiny_model()
     tokens = torch.randint(11, (2, 12))
     positions = torch.arange(12)
-    x, _ = model.embed_slots(tokens, positions, "zero")
-    full, _ = model.run(x, model.empty_state(2))
+    x, _, clean = model.embed_slots(tokens, positions, "zero")
+    full, _ = model.run(x, clean, model.empty_state(2))
     state, parts = model.empty_state(2), []
     for a, b in [(0, 5), (5, 6), (6, 7), (7, 10), (10, 12)]:  # a block, single steps, a chunk
-        y, state = model.run(x[:, a:b], state)
+        y, state = model.run(x[:, a:b], clean[:, a:b], state)
         parts.append(y)
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
     logits, _ = model(tokens)
@@ -26,12 +26,12 @@ def test_cached_steps_equal_full_recompute():
 
 def test_state_is_returned_not_kept():
     model = tiny_model()
-    x, _ = model.embed_slots(torch.randint(11, (1, 4)), torch.arange(4), "zero")
+    x, _, clean = model.embed_slots(torch.randint(11, (1, 4)), torch.arange(4), "zero")
     empty = model.empty_state(1)
-    _, state = model.run(x, empty)
+    _, state = model.run(x, clean, empty)
     assert empty.length == 0 and state.length == 4
-    y1, _ = model.run(x[:, :1], empty)
-    y2, _ = model.run(x[:, :1], empty)
+    y1, _ = model.run(x[:, :1], clean[:, :1], empty)
+    y2, _ = model.run(x[:, :1], clean[:, :1], empty)
     assert torch.equal(y1, y2)
 
 
@@ -64,9 +64,9 @@ def test_recomputed_renoised_passes_with_a_generator_are_the_same_numbers(noise)
 
 def test_positions_past_the_table_are_refused():
     model = tiny_model(block_size=4)
-    x, _ = model.embed_slots(torch.randint(11, (1, 5)), torch.arange(5), "zero")
+    x, _, clean = model.embed_slots(torch.randint(11, (1, 5)), torch.arange(5), "zero")
     with pytest.raises(LadderError, match="position table"):
-        model.run(x, model.empty_state(1))
+        model.run(x, clean, model.empty_state(1))
 
 
 def test_loss_is_next_token_cross_entropy():

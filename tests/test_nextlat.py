@@ -38,7 +38,7 @@ def test_gradients_reach_psi_and_the_model_never_the_head(term):
     psi = LatentDynamics(8, 16)
     torch.nn.init.normal_(psi.f[-1].weight)
     idx, targets = torch.randint(11, (3, 12)), torch.randint(11, (3, 12))
-    _, y = model.teacher_forced(idx)
+    _, _, y = model.teacher_forced(idx)
     losses = nextlat_losses(y[:, :, -1], model.wte(targets).detach(), model.lm_head.weight.detach(), psi, horizon=2)
     losses[term].backward()
     assert model.lm_head.weight.grad is None  # the frozen head
@@ -90,14 +90,15 @@ def test_nextlat_config():
 
 
 @pytest.mark.parametrize("n_step, steps", [(2, 1), (3, 2), (4, 3), (3, 40)])
-def test_ladder_rollout_equals_the_sampler_on_the_same_inputs(n_step, steps):
+@pytest.mark.parametrize("embed_in", ["rung", "full"])
+def test_ladder_rollout_equals_the_sampler_on_the_same_inputs(n_step, steps, embed_in):
     """Pass k of the rollout is the free-running sampler (true tokens fed back) at positions 0..k."""
-    model = tiny_model(n_step=n_step, vocab_size=13, block_size=24, prompt_noise="zero")
+    model = tiny_model(n_step=n_step, vocab_size=13, block_size=24, prompt_noise="zero", embed_in=embed_in)
     idx = torch.cat([torch.full((2, 1), 12), torch.randint(12, (2, 19))], 1)  # start token, then text
     L = 20 + n_step - 1
-    x, _ = model.embed_slots(idx, torch.arange(L), "zero")
-    y, _ = model.run(x, model.empty_state(2))
-    rolled = model.rollout(x, y, steps)[-1]
+    x, _, clean = model.embed_slots(idx, torch.arange(L), "zero")
+    y, _ = model.run(x, clean, model.empty_state(2))
+    rolled = model.rollout(x, clean, y, steps)[-1]
     seen = []
 
     def pick(logits, i):
@@ -118,14 +119,14 @@ def test_ladder_kl_gradients_and_the_degenerate_gpt(emit_head):
     if model.emit_head is not None:
         torch.nn.init.normal_(model.emit_head.weight, std=0.1)  # zero at init; make it count
     idx, targets = torch.randint(11, (2, 10)), torch.randint(11, (2, 10))
-    x, y = model.teacher_forced(idx)
+    x, clean, y = model.teacher_forced(idx)
     assert torch.equal(model.logits(y, frozen=True), model.logits(y))
-    l_h, l_kl = ladder_rollout_losses(model, x, y, targets, horizon=2, with_latent=True)
+    l_h, l_kl = ladder_rollout_losses(model, x, clean, y, targets, horizon=2, with_latent=True)
     assert l_kl > 0 and l_h > 0
     l_kl.backward()
     assert model.lm_head.weight.grad is None  # the frozen heads
     assert model.emit_head is None or model.emit_head.weight.grad is None
     assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     gpt = tiny_model(n_step=1, vocab_size=11)
-    x, y = gpt.teacher_forced(idx)
-    assert ladder_rollout_losses(gpt, x, y, targets, horizon=2, with_latent=False)[1].abs() < 1e-6  # nothing fed back
+    x, clean, y = gpt.teacher_forced(idx)
+    assert ladder_rollout_losses(gpt, x, clean, y, targets, horizon=2, with_latent=False)[1].abs() < 1e-6  # nothing fed back

@@ -29,16 +29,18 @@ def emitting_model(n_step: int, emit_head: str, **kw):
 
 @pytest.mark.parametrize("n_step", [1, 2, 4])
 @pytest.mark.parametrize("prompt", [1, 3, 7])
-@pytest.mark.parametrize("emit_head", ["rung", "full"])
-def test_blank_start_passes_over_the_window_are_the_sampler(n_step, prompt, emit_head):
+@pytest.mark.parametrize("emit_head, embed_in", [("rung", "rung"), ("full", "rung"), ("full", "full")])
+def test_blank_start_passes_over_the_window_are_the_sampler(n_step, prompt, emit_head, embed_in):
     """With a blank first pass and a pass per position, training computes exactly what free-running
     sampling does, after the start token alone or after a prompt of known tokens."""
     T = 10
     L = T + n_step - 1
-    model = emitting_model(n_step, emit_head, vocab_size=13, block_size=16, prompt_noise="zero", train_passes=L)
+    model = emitting_model(
+        n_step, emit_head, vocab_size=13, block_size=16, prompt_noise="zero", train_passes=L, embed_in=embed_in
+    )
     idx = torch.cat([torch.full((2, 1), 12), torch.randint(12, (2, T - 1))], 1)
-    x, _ = model.embed_slots(idx, torch.arange(L), "zero")  # the sampler's noise-free prompt slots
-    unrolled = model.unrolled(x, torch.tensor([prompt, prompt]))[:, n_step - 1 :]
+    x, _, clean = model.embed_slots(idx, torch.arange(L), "zero")  # the sampler's noise-free prompt slots
+    unrolled = model.unrolled(x, clean, torch.tensor([prompt, prompt]))[:, n_step - 1 :]
     unrolled = model.clean_logits(unrolled)[:, prompt - 1 :]  # (2, T - prompt + 1, V), entry i predicts idx[prompt + i]
     seen = []
 
@@ -61,7 +63,7 @@ def test_full_emission_head():
     assert torch.equal(rung(idx, generator=gen[0])[0], full(idx, generator=gen[1])[0])
     full = emitting_model(4, "full", vocab_size=13)
     logits, loss = full(idx, targets, torch.Generator().manual_seed(0))  # (2, L, S, V)
-    y = full.window(idx, generator=torch.Generator().manual_seed(0))[1]
+    y = full.window(idx, generator=torch.Generator().manual_seed(0))[2]
     assert torch.allclose(logits[:, :, -1], full.clean_logits(y), atol=1e-6)
     assert torch.allclose(logits[:, :, :-1], full.lm_head(y[:, :, :-1]), atol=1e-6)
     assert not torch.allclose(logits[:, :, -1], full.lm_head(y[:, :, -1]), atol=1e-3)
@@ -71,13 +73,32 @@ def test_full_emission_head():
         load_config("shakespeare-char-cpu-ladder4", overrides=["model.emit_head=wide"])
 
 
+def test_full_input_embedding():
+    """embed_in = "full" adds the clean rung's token at the backbone's full width: trained by the loss,
+    nothing at pads, nothing to add with one rung (the GPT, whose only embedding is full-width)."""
+    rung, full = tiny_model(4, vocab_size=13), tiny_model(4, vocab_size=13, embed_in="full")
+    assert full.num_params() == rung.num_params() + 13 * 32 + 32  # the embedding and its norm's gain
+    assert tiny_model(1, embed_in="full").num_params() == tiny_model(1).num_params()
+    idx, targets = torch.randint(13, (2, 10)), torch.randint(13, (2, 10))
+    x, _, clean = full.embed_slots(idx, torch.arange(13), "zero")
+    assert (clean[:, :3] == -1).all() and torch.equal(clean[:, 3:], idx)  # position p's clean rung holds token p - 3
+    state = full.empty_state(2)
+    with_token = full.run(x[:, :1], torch.tensor([[5], [7]]), state)[0]
+    assert torch.equal(full.run(x[:, :1], clean[:, :1], state)[0], rung.run(x[:, :1], clean[:, :1], state)[0])
+    assert not torch.allclose(with_token, rung.run(x[:, :1], clean[:, :1], state)[0], atol=1e-4)
+    full.train()(idx, targets)[1].backward()
+    assert full.wte_full.weight.grad.abs().max() > 0 and full.in_norm_full.weight.grad.abs().max() > 0
+    with pytest.raises(LadderError, match="embed_in must be one of"):
+        load_config("shakespeare-char-cpu-ladder4", overrides=["model.embed_in=wide"])
+
+
 def test_training_prompts_are_given_not_predicted():
     """train_prompts: some windows open with a prompt; its tokens are fed as known and drop out of the loss."""
     model = tiny_model(4, vocab_size=13, block_size=16, first_pass="blank", train_passes=2, train_prompts=1.0)
     idx, targets = torch.randint(13, (64, 12)), torch.randint(13, (64, 12))
     known = model.prompt_lengths(idx, torch.Generator().manual_seed(0))
     assert known.min() >= 1 and known.max() <= 12 and len(known.unique()) > 6
-    _, _, counted = model.window(idx, targets, torch.Generator().manual_seed(0))
+    *_, counted = model.window(idx, targets, torch.Generator().manual_seed(0))
     given = (counted == -100).sum(1)  # per window: a prefix of its targets, the prompt's tokens after the first
     assert ((counted == -100) == (torch.arange(12) < given[:, None])).all() and len(given.unique()) > 6
     assert (counted[counted != -100] == targets[counted != -100]).all()
