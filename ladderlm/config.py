@@ -242,7 +242,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None, overr
         path = Path(path)
         if not path.is_file():
             raise LadderError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
-        cfg = from_dict(_read_toml(path.read_text(encoding="utf-8", errors="replace"), str(path)))
+        text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: skip a BOM, as some editors write one
+        cfg = from_dict(_read_toml(text, str(path)))
     else:
         cfg = Config()
     return validate(apply_overrides(cfg, list(overrides)))

@@ -120,6 +120,12 @@ def test_bad_config_file(tmp_path):
         load_config("nope")
 
 
+def test_config_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[train]\nmax_iters = 5\n")
+    assert load_config(path=path).train.max_iters == 5
+
+
 def test_json_line_is_strict_json():
     """A diverged model's NaN loss is written as null, which every JSON parser reads, not as NaN."""
     record = {"loss": float("nan"), "per_rung": [{"ce": float("inf")}, {"ce": 1.5}], "step": 3}
