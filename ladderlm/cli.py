@@ -367,6 +367,8 @@ def _main(argv: list[str] | None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "train" and os.environ.get("WORLD_SIZE", "1") != "1":  # each process would do the whole job
+            raise LadderError(f"{args.command} runs in one process: start it without torchrun (train is the command it runs)")
         if sys.stdout is None:  # started with stdout closed: print() would drop the results silently
             raise LadderError("standard output is closed")
         for stream in (sys.stdout, sys.stderr):  # text the terminal's encoding lacks is shown as "?", not a traceback

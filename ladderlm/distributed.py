@@ -112,9 +112,17 @@ class Dist:
             dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """The processes torchrun started (WORLD_SIZE), 1 without it."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise LadderError(f"WORLD_SIZE must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def init(device_name: str) -> Dist:
     """One process, or join the process group that torchrun describes in the environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     device = resolve_device(device_name)
     if world == 1:
         return Dist(0, 1, device)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,7 @@ from ladderlm import checkpoint
 from ladderlm.cli import main
 
 from .conftest import train_args
+from .test_cli import run_bad
 
 COMMON = ["--set", "train.max_iters=20", "--set", "train.lr_decay_iters=20", "--set", "train.log_interval=1",
           "--set", "train.eval_interval=10", "--set", "train.checkpoint_interval=5"]  # fmt: skip
@@ -134,3 +136,18 @@ def test_a_signal_to_one_rank_during_an_evaluation_stops_every_rank_there(tmp_pa
     ], result.stderr
     assert checkpoint.load_trainer_state(run / "ckpt")["step"] == 10
     assert [step for step, _ in evals(run)] == [0]
+
+
+@pytest.mark.parametrize("command", ["prepare", "sample", "eval", "bench", "explain", "plot"])
+def test_only_train_runs_under_torchrun(command, monkeypatch, capsys, run_dir, data_dir, tmp_path):
+    """Under torchrun every process would run the whole command (and one `prepare` would trip on another's files)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {
+        "prepare": ["prepare", "--source", str(tmp_path / "none.txt"), "--out", str(tmp_path / "data")],
+        "sample": ["sample", "--ckpt", str(run_dir)],
+        "eval": ["eval", "--ckpt", str(run_dir), "--data", str(data_dir)],
+        "bench": ["bench"],
+        "explain": ["explain", "--prompt", "ab"],
+        "plot": ["plot", str(run_dir), "--out", str(tmp_path / "p.png")],
+    }[command]
+    run_bad(capsys, argv, run_dir, data_dir, tmp_path, match=f"{command} runs in one process")
