@@ -153,10 +153,18 @@ def plot(kind: str, run_dirs: list[Path], out: Path) -> Path:
     return out
 
 
+LEGEND_ROWS = 24  # entries at fontsize 8 that fit the height of these figures
+
+
 def _save(fig, ax, out: Path) -> None:
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
+    entries = len(ax.get_legend_handles_labels()[0])  # none: an empty legend only warns
+    if 0 < entries <= LEGEND_ROWS // 2:
         ax.legend(fontsize=8)
+    elif entries:  # many runs: beside the plot in columns, the figure widened for them, not over the curves
+        columns = -(-entries // LEGEND_ROWS)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), ncol=columns)
+        fig.set_size_inches(fig.get_figwidth() + 1.7 * columns, fig.get_figheight())
     image = io.BytesIO()
     try:
         with np.errstate(all="ignore"):  # values near float64's limits: matplotlib's overflows are its own

@@ -1,6 +1,7 @@
 """`ladderlm plot` on hand-written run dirs: good ones plot, every bad one is one line on stderr and no file written."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,16 @@ def test_plot_writes_the_path_it_reports(tmp_path, capsys, kind):
     assert capsys.readouterr().out == f"wrote {out}\n"
     assert plot(kind, runs, tmp_path / "fig.PDF") == tmp_path / "fig.PDF"  # the extension's case does not matter
     assert (tmp_path / "fig.PDF").read_bytes()[:4] == b"%PDF"
+
+
+@pytest.mark.parametrize("kind", ["losses", "rungs", "free-vs-tf"])
+def test_many_runs_get_a_legend_beside_the_plot(tmp_path, kind):
+    """Sixty runs' legend does not fit over the axes: it goes beside them, and no layout warning is printed."""
+    runs = [make_run(tmp_path, name=f"run{i}") for i in range(60)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot(kind, runs, tmp_path / "many.png")
+    assert (tmp_path / "many.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("torn", [b'{"step": 30, "lo', b'{"step": 30, "lo\n', b'{"step": 30, "loss": 3.\xe2\x80'])
