@@ -194,9 +194,9 @@ class LadderLM(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, object]:
         """One backbone pass over inputs x (B, L, S, E) (clean rungs' tokens `clean`) whose `fed` slots
-        ((L, S) or (B, L, S), never at position 0) take fill(y[p - 1, s]) from the previous pass's outputs y, as the sampler
-        feeds them (`draws` (B, L, S-1, E): the fills' Gaussians, as the sampler draws them; else
-        fresh ones from `generator`).
+        ((L, S) or (B, L, S), never at position 0) take fill(y[p - 1, s]) from the previous pass's
+        outputs y, as the sampler feeds them (`draws` (B, L, S-1, E): the fills' Gaussians, as the
+        sampler draws them; else fresh ones from `generator`).
         Returns the outputs (B, L, S, E) and the backbone state after them."""
         B, L, S, E = x.shape
         noise = None if draws is None else draws[:, 1:].reshape(-1, S - 1, E)
@@ -216,10 +216,10 @@ class LadderLM(nn.Module):
     ) -> list[Tensor]:
         """The ladder as its own latent dynamics: `steps` passes fed back as the sampler feeds them.
 
-        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung (its tokens `clean` (B, L)), of the known
-        tokens (the first `known` of each window, (B,): the start token, or a prompt) and of pads,
-        and fills every other slot (a token the sampler would not have emitted yet) from the
-        previous pass's outputs one position back (`feed_back`). Pass k then equals the
+        Each pass keeps the teacher-forced inputs x (B, L, S, E) of the clean rung (its tokens: `clean`
+        (B, L)), of the known tokens (the first `known` of each window, (B,): the start token, or a
+        prompt) and of pads, and fills every other slot (a token the sampler would not have emitted
+        yet) from the previous pass's outputs one position back (`feed_back`). Pass k then equals the
         free-running sampler (true tokens on the clean rung) at positions 0..k, with one batched
         backbone pass per step. `draws` (B, L, S-1, E) fixes the fills' Gaussians (`feed_back`), the
         same for every pass. Returns the outputs (B, L, S, E) of every pass.

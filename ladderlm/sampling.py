@@ -96,7 +96,8 @@ def decode(
                 x = torch.where(given[..., None], x, model.fill(y_last, draws[:, c])[:, None])  # (N, 1, S, E)
         else:  # phase iii: the clean rung holds the only known token, the rungs below it fills
             clean = ctx[:, c - S + 1 : c - S + 2]  # (N, 1)
-            x = torch.cat([model.fill(y_last, draws[:, c])[:, :-1], model.embed_emitted(clean[:, 0])], 1)[:, None]  # (N, 1, S, E)
+            fills = model.fill(y_last, draws[:, c])[:, :-1]  # (N, S - 1, E)
+            x = torch.cat([fills, model.embed_emitted(clean[:, 0])], 1)[:, None]  # (N, 1, S, E)
         y, state = model.run(x, clean, state)
         return y[:, -1], state
 
