@@ -151,3 +151,9 @@ def test_only_train_runs_under_torchrun(command, monkeypatch, capsys, run_dir, d
         "plot": ["plot", str(run_dir), "--out", str(tmp_path / "p.png")],
     }[command]
     run_bad(capsys, argv, run_dir, data_dir, tmp_path, match=f"{command} runs in one process")
+
+
+def test_a_malformed_world_size_is_one_line(monkeypatch, capsys, data_dir, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    run_bad(capsys, train_args(data_dir, tmp_path / "run"), data_dir, tmp_path, match="WORLD_SIZE must be a positive integer")
+    assert not (tmp_path / "run").exists()
