@@ -164,9 +164,9 @@ class LadderLM(nn.Module):
         -> outputs (B, P, S, E) and the new state."""
         B, P, S, E = x.shape
         h = x.reshape(B, P, S * E)
-        if self.wte_full is not None:
-            table = self.in_norm_full(self.wte_full.weight[:, None])[:, 0]  # (V, S * E)
-            h = h + F.embedding(clean.clamp_min(0), table) * (clean >= 0)[..., None].to(h.dtype)
+        if self.wte_full is not None:  # only the rows looked up are normalised: a decoding step reads one per row
+            full = self.in_norm_full(self.wte_full(clean.clamp_min(0))[..., None, :])[..., 0, :]  # (B, P, S * E)
+            h = h + full * (clean >= 0)[..., None].to(h.dtype)
         h, state = self.backbone(h, state)
         return self.out_norm(h.view(B, P, S, E)), state
 
